@@ -1,0 +1,121 @@
+"""Checkpoints in safetensors, with the configuration as JSON: no pickles anywhere.
+
+Two kinds of file:
+- a model file (`model.safetensors`): the weights and buffers (the fixed noise among them), with the
+  model configuration in the file's metadata, so the file alone rebuilds the model;
+- a training state (`checkpoints/step_XXXXXXX.safetensors`): the model, the optimiser's moments and the
+  step, for resuming.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from .diffusionad import DiffusionAD, ModelConfig
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """A missing, corrupted or incompatible checkpoint; the message names the file."""
+
+
+def _tensors(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {prefix + k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def save_model(path: str | Path, model: DiffusionAD, metadata: dict | None = None) -> None:
+    meta = {"config": model.config.to_json(), "format": "diffad-model-1", **(metadata or {})}
+    _atomic_save(_tensors(model), Path(path), {k: str(v) for k, v in meta.items()})
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupted or unreadable checkpoint {path}: {e}") from e
+
+
+def load_model(path: str | Path) -> DiffusionAD:
+    """A model from a model file, a training state, or a run folder (its model.safetensors)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    meta = read_metadata(path)
+    if "config" not in meta:
+        raise CheckpointError(f"{path} has no model configuration in its metadata: not a diffad checkpoint")
+    model = DiffusionAD(ModelConfig.from_dict(json.loads(meta["config"])))
+    state = _load_tensors(path)
+    weights = {k.removeprefix("model."): v for k, v in state.items() if not k.startswith("optimizer.")}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match its own configuration: {e}") from e
+    return model.eval()
+
+
+def save_training_state(path: str | Path, model: DiffusionAD, optimizer: torch.optim.Optimizer,
+                        step: int, metadata: dict | None = None) -> None:
+    """Model, Adam moments and step: everything needed to continue exactly where training stopped."""
+    tensors = _tensors(model, "model.")
+    opt = optimizer.state_dict()
+    for index, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    meta = {
+        "config": model.config.to_json(),
+        "format": "diffad-training-1",
+        "step": str(step),
+        "param_groups": json.dumps(opt["param_groups"]),
+        **{k: str(v) for k, v in (metadata or {}).items()},
+    }
+    _atomic_save(tensors, Path(path), meta)
+
+
+def load_training_state(path: str | Path, model: DiffusionAD, optimizer: torch.optim.Optimizer) -> int:
+    """Restore model and optimiser in place; returns the step the state was saved at."""
+    path = Path(path)
+    meta = read_metadata(path)
+    if meta.get("format") != "diffad-training-1":
+        raise CheckpointError(f"{path} is not a diffad training state (format {meta.get('format')!r})")
+    tensors = _load_tensors(path)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    return int(meta["step"])
+
+
+def latest_training_state(run_dir: str | Path) -> Path | None:
+    states = sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step_*.safetensors"))
+    return states[-1] if states else None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupted or unreadable checkpoint {path}: {e}") from e
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write to a temporary name, then rename: an interrupted save never leaves a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)

@@ -1,0 +1,78 @@
+"""Model presets and their cost: parameter count and multiply-accumulates per image."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .diffusionad import DiffusionAD, ModelConfig
+from .segmentation import SegmentationConfig
+from .unet import UNetConfig
+
+PRESET_NAMES = ("tiny", "small", "paper")
+PAPER_IMAGE_SIZE, PAPER_TOP_K = 256, 50
+
+
+def top_k_for(image_size: int) -> int:
+    """The paper's k = 50 at 256 x 256, scaled with the image area so it covers the same fraction."""
+    return max(1, round(PAPER_TOP_K * (image_size / PAPER_IMAGE_SIZE) ** 2))
+
+
+def preset(name: str, image_size: int | None = None, in_channels: int = 3) -> ModelConfig:
+    """A model configuration by preset name; image_size overrides the preset's own."""
+    if name == "paper":
+        # The published model: about 132 M + 28 M parameters at 256 px.
+        size = image_size or 256
+        unet = UNetConfig(base_channels=128, channel_mults=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+                          attention_resolutions=(32, 16, 8), num_heads=4)
+        seg = SegmentationConfig(base_channels=64, channel_mults=(1, 2, 4, 8, 8, 8))
+    elif name == "small":
+        # The best quality that trains on a 2-core CPU in 30 minutes (see README, "Presets").
+        size = image_size or 128
+        unet = UNetConfig(base_channels=16, channel_mults=(1, 2, 4, 4), num_res_blocks=1,
+                          attention_resolutions=(16,), num_heads=4)
+        seg = SegmentationConfig(base_channels=16, channel_mults=(1, 2, 4, 8, 8))
+    elif name == "tiny":
+        # For tests: trains and runs in seconds.
+        size = image_size or 32
+        unet = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                          attention_resolutions=(16,), num_heads=2)
+        seg = SegmentationConfig(base_channels=8, channel_mults=(1, 2, 4))
+    else:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    return ModelConfig(name=name, image_size=size, in_channels=in_channels, unet=unet, segmentation=seg,
+                       top_k=top_k_for(size))
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_gmac(model: DiffusionAD) -> dict[str, float]:
+    """GMAC for one image through the full one-step pipeline (two UNet passes + segmentation).
+
+    Counted by PyTorch's FLOP counter (convolutions, matrix products, attention) on one image;
+    a multiply-accumulate is two FLOPs. Normalisations and activations are not counted.
+    """
+    cfg = model.config
+    x = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as unet_counter:
+            model.unet(x, torch.zeros(1, dtype=torch.long))
+        with FlopCounterMode(display=False) as seg_counter:
+            model.segmentation(torch.cat([x, x], dim=1))
+    unet = unet_counter.get_total_flops() / 2e9
+    seg = seg_counter.get_total_flops() / 2e9
+    return {"unet_pass": unet, "segmentation": seg, "pipeline": 2 * unet + seg}
+
+
+def describe(model: DiffusionAD) -> dict[str, float]:
+    """Parameters (millions) and GMAC per image, for logs and `diffad presets`."""
+    gmac = count_gmac(model)
+    return {
+        "unet_params_m": count_parameters(model.unet) / 1e6,
+        "segmentation_params_m": count_parameters(model.segmentation) / 1e6,
+        "unet_gmac_per_pass": gmac["unet_pass"],
+        "segmentation_gmac": gmac["segmentation"],
+        "pipeline_gmac_per_image": gmac["pipeline"],
+    }

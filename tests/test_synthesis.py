@@ -1,0 +1,357 @@
+"""Tests for the synthetic anomaly generator (diffad.models.synthesis)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from diffad.models.synthesis import (
+    AnomalySynthesizer,
+    SynthesisConfig,
+    estimate_foreground,
+    perlin_mask,
+    perlin_noise,
+    procedural_texture,
+    self_augmentation_source,
+)
+
+SIZE = 64
+
+
+def disc_image(channels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A bright disc (slightly textured) on a dark, slightly noisy background, and the true disc."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    disc = (yy - 30) ** 2 + (xx - 34) ** 2 < 20**2
+    colour = np.array([0.8, 0.6, 0.3][:channels] if channels == 3 else [0.7], dtype=np.float32)
+    shading = 0.9 + 0.1 * np.sin(xx / 3.0)[..., None]
+    image = np.where(disc[..., None], colour * shading, 0.08)
+    image = image + np.random.default_rng(seed).normal(0.0, 0.01, image.shape)
+    return np.clip(image, 0.0, 1.0).astype(np.float32), disc
+
+
+def noise_image(channels: int = 3, seed: int = 0, shape: tuple[int, int] = (SIZE, SIZE)) -> np.ndarray:
+    return np.random.default_rng(seed).random((*shape, channels)).astype(np.float32)
+
+
+def stripes_image(channels: int = 1) -> np.ndarray:
+    xx = np.mgrid[0:SIZE, 0:SIZE][1]
+    values = 0.2 + 0.6 * ((xx // 4) % 2)
+    return np.repeat(values[..., None], channels, axis=2).astype(np.float32)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+# --- Perlin noise and masks -----------------------------------------------------------------
+
+
+def test_perlin_noise_non_divisible_shape() -> None:
+    noise = perlin_noise((48, 80), (3, 7), np.random.default_rng(0))
+    assert noise.shape == (48, 80)
+    assert noise.dtype == np.float32
+    assert np.all(np.isfinite(noise))
+    assert np.abs(noise).max() <= 1.0 + 1e-5
+    assert noise.std() > 0.1  # not flat
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (48, 80), (100, 37)])
+def test_perlin_mask_shape_dtype_and_nonempty(shape: tuple[int, int]) -> None:
+    masks = [perlin_mask(shape, np.random.default_rng(seed), SynthesisConfig()) for seed in range(30)]
+    assert all(m.shape == shape and m.dtype == bool for m in masks)
+    nonempty = sum(bool(m.any()) for m in masks)
+    assert nonempty >= 24  # a rare single-cell draw may stay below the threshold; retries cover it
+    assert np.mean([m.mean() for m in masks]) < 0.3  # defects, not the whole image
+
+
+def test_perlin_mask_scale_comes_from_config() -> None:
+    def mean_blob_count(log2: int) -> float:
+        config = SynthesisConfig(min_scale_log2=log2, max_scale_log2=log2)
+        masks = [perlin_mask((SIZE, SIZE), np.random.default_rng(s), config) for s in range(10)]
+        return float(np.mean([ndimage.label(m)[1] for m in masks]))
+
+    assert mean_blob_count(4) > 3 * max(mean_blob_count(0), 1.0)
+
+
+# --- Foreground -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_estimate_foreground_finds_disc(channels: int) -> None:
+    image, disc = disc_image(channels)
+    foreground = estimate_foreground(image)
+    assert foreground.shape == disc.shape and foreground.dtype == bool
+    assert iou(foreground, disc) > 0.8
+
+
+def test_estimate_foreground_large_image_is_subsampled_consistently() -> None:
+    image, disc = disc_image(3)
+    big = np.repeat(np.repeat(image, 4, axis=0), 4, axis=1)  # 256 x 256
+    big_disc = np.repeat(np.repeat(disc, 4, axis=0), 4, axis=1)
+    assert iou(estimate_foreground(big), big_disc) > 0.8
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        noise_image(3),
+        noise_image(1, seed=1),
+        stripes_image(1),
+        stripes_image(3),
+        np.full((SIZE, SIZE, 3), 0.5),
+    ],
+    ids=["noise-rgb", "noise-gray", "stripes-gray", "stripes-rgb", "flat"],
+)
+def test_estimate_foreground_texture_is_everything(image: np.ndarray) -> None:
+    foreground = estimate_foreground(image.astype(np.float32))
+    assert foreground.shape == image.shape[:2]
+    assert foreground.all()
+
+
+def test_estimate_foreground_tiny_object_is_everything() -> None:
+    image = np.full((SIZE, SIZE, 1), 0.1, dtype=np.float32)
+    image[30:33, 30:33] = 0.9  # ~0.2 % of the image: not a trustworthy object
+    assert estimate_foreground(image).all()
+
+
+def test_rejects_bad_image_shape() -> None:
+    with pytest.raises(ValueError, match="HxWxC"):
+        estimate_foreground(np.zeros((SIZE, SIZE), dtype=np.float32))
+    with pytest.raises(ValueError, match="HxWxC"):
+        AnomalySynthesizer()(np.zeros((SIZE, SIZE, 4), dtype=np.float32), np.random.default_rng(0))
+
+
+# --- The synthesizer ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_forced_anomaly_stays_inside_disc(channels: int) -> None:
+    image, disc = disc_image(channels)
+    allowed = ndimage.binary_dilation(disc)  # one pixel of slack for the estimated outline
+    synth = AnomalySynthesizer(SynthesisConfig(foreground="auto"))
+    made = 0
+    for seed in range(30):
+        _, mask, has_anomaly = synth(image, np.random.default_rng(seed), force=True)
+        assert has_anomaly == bool(mask.any())
+        assert not np.any(mask.astype(bool) & ~allowed)
+        made += has_anomaly
+    assert made >= 27
+
+
+def test_forced_anomaly_stays_inside_given_foreground() -> None:
+    image = noise_image(3)
+    foreground = np.zeros((SIZE, SIZE), dtype=bool)
+    foreground[8:40, 20:60] = True
+    synth = AnomalySynthesizer(SynthesisConfig(foreground="none"))
+    made = 0
+    for seed in range(30):
+        _, mask, has_anomaly = synth(image, np.random.default_rng(seed), foreground=foreground, force=True)
+        assert not np.any(mask.astype(bool) & ~foreground)
+        made += has_anomaly
+    assert made >= 27
+
+
+def test_empty_foreground_gives_no_anomaly() -> None:
+    image = noise_image(3)
+    out, mask, has_anomaly = AnomalySynthesizer()(
+        image, np.random.default_rng(0), foreground=np.zeros((SIZE, SIZE), dtype=bool), force=True
+    )
+    assert not has_anomaly
+    assert not mask.any()
+    np.testing.assert_array_equal(out, image)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("source", ["self", "procedural"])
+def test_changes_only_inside_mask(channels: int, source: str) -> None:
+    image, _ = disc_image(channels)
+    synth = AnomalySynthesizer(SynthesisConfig(sources=(source,)))
+    for seed in range(5):
+        out, mask, has_anomaly = synth(image, np.random.default_rng(seed), force=True)
+        assert has_anomaly
+        assert out.shape == image.shape and out.dtype == np.float32
+        assert mask.shape == image.shape[:2] and mask.dtype == np.float32
+        assert set(np.unique(mask)) <= {0.0, 1.0}
+        assert out.min() >= 0.0 and out.max() <= 1.0
+        inside = mask.astype(bool)
+        np.testing.assert_array_equal(out[~inside], image[~inside])
+        assert np.abs(out[inside] - image[inside]).max() > 0.01
+
+
+def test_reproducible_for_a_seed() -> None:
+    image, _ = disc_image(3)
+    synth = AnomalySynthesizer(SynthesisConfig(probability=1.0))
+    out_a, mask_a, _ = synth(image, np.random.default_rng(123))
+    out_b, mask_b, _ = synth(image, np.random.default_rng(123))
+    out_c, mask_c, _ = synth(image, np.random.default_rng(124))
+    np.testing.assert_array_equal(out_a, out_b)
+    np.testing.assert_array_equal(mask_a, mask_b)
+    assert not np.array_equal(mask_a, mask_c) or not np.array_equal(out_a, out_c)
+
+
+def test_picklable_for_loader_workers(texture_dir) -> None:
+    synth = AnomalySynthesizer(SynthesisConfig(probability=1.0, texture_dir=str(texture_dir)))
+    copy = pickle.loads(pickle.dumps(synth))
+    image, _ = disc_image(3)
+    for seed in range(3):
+        expected = synth(image, np.random.default_rng(seed))
+        actual = copy(image, np.random.default_rng(seed))
+        np.testing.assert_array_equal(expected[0], actual[0])
+        np.testing.assert_array_equal(expected[1], actual[1])
+
+
+def test_probability_and_force() -> None:
+    image = noise_image(1, shape=(32, 32))
+    synth = AnomalySynthesizer(SynthesisConfig(probability=0.5, foreground="none", sources=("self",)))
+    rng = np.random.default_rng(7)
+    results = [synth(image, rng)[2] for _ in range(200)]
+    assert 0.35 <= np.mean(results) <= 0.65
+
+    always = AnomalySynthesizer(SynthesisConfig(probability=1.0, foreground="none", sources=("self",)))
+    for _ in range(20):
+        out, mask, has_anomaly = always(image, rng, force=False)
+        assert not has_anomaly and not mask.any()
+        np.testing.assert_array_equal(out, image)
+
+    rarely = AnomalySynthesizer(SynthesisConfig(probability=0.0, foreground="none", sources=("self",)))
+    assert all(rarely(image, rng, force=True)[2] for _ in range(20))
+    assert not any(rarely(image, rng)[2] for _ in range(20))
+
+
+def test_opacity_blend_relation() -> None:
+    # A procedural source and whole-image foreground make every random draw independent of the
+    # image content, so the same seed gives the same mask, beta and source for any image. With
+    # out = (1 - m) * image + m * ((1 - beta) * image + beta * source):
+    #   out(ones) - out(zeros) = 1 - beta inside the mask, and out(zeros) = beta * source.
+    config = SynthesisConfig(opacity_range=(0.5, 0.5000001), sources=("procedural",), foreground="none")
+    synth = AnomalySynthesizer(config)
+    zeros = np.zeros((SIZE, SIZE, 3), dtype=np.float32)
+    ones = np.ones((SIZE, SIZE, 3), dtype=np.float32)
+    for seed in range(5):
+        out_zeros, mask_zeros, _ = synth(zeros, np.random.default_rng(seed), force=True)
+        out_ones, mask_ones, _ = synth(ones, np.random.default_rng(seed), force=True)
+        np.testing.assert_array_equal(mask_zeros, mask_ones)
+        inside = mask_zeros.astype(bool)
+        assert inside.any()
+        np.testing.assert_allclose(out_ones[inside] - out_zeros[inside], 0.5, atol=1e-5)
+        source = out_zeros[inside] / 0.5
+        assert source.min() >= 0.0 and source.max() <= 1.0 + 1e-5
+        assert source.std() > 0.05  # a real texture went in, not a constant
+
+    # The default range: beta recovered from the same relation lies in [0.2, 0.8) and varies.
+    synth = AnomalySynthesizer(SynthesisConfig(sources=("procedural",), foreground="none"))
+    betas = []
+    for seed in range(10):
+        out_zeros, mask, _ = synth(zeros, np.random.default_rng(seed), force=True)
+        out_ones, _, _ = synth(ones, np.random.default_rng(seed), force=True)
+        diff = (out_ones - out_zeros)[mask.astype(bool)]
+        np.testing.assert_allclose(diff, diff.flat[0], atol=1e-5)  # one beta per sample
+        betas.append(1.0 - float(diff.flat[0]))
+    assert 0.2 - 1e-5 <= min(betas) and max(betas) < 0.8 + 1e-5
+    assert np.std(betas) > 0.02
+
+
+# --- Sources --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def texture_dir(tmp_path):
+    folder = tmp_path / "textures"
+    (folder / "nested").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 50, 50)).save(folder / "red.png")
+    Image.new("L", (20, 20), 100).save(folder / "nested" / "grey.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_texture_source_is_used(texture_dir, channels: int) -> None:
+    # Full opacity: the masked pixels are exactly the (constant) texture colours, channel-matched.
+    config = SynthesisConfig(
+        sources=(), texture_dir=str(texture_dir), foreground="none", opacity_range=(1.0, 1.0)
+    )
+    synth = AnomalySynthesizer(config)
+    assert synth.sources == ("texture",)
+    assert len(synth.texture_files) == 2
+    red, grey = np.array([200, 50, 50]) / 255.0, np.array([100, 100, 100]) / 255.0
+    if channels == 1:  # grey images get the texture's luminance
+        red, grey = np.array([red @ [0.299, 0.587, 0.114]]), grey[:1]
+    image = np.zeros((48, 80, channels), dtype=np.float32)
+    seen = set()
+    for seed in range(12):
+        out, mask, has_anomaly = synth(image, np.random.default_rng(seed), force=True)
+        assert has_anomaly
+        values = out[mask.astype(bool)]
+        matches = [name for name, c in (("red", red), ("grey", grey)) if np.allclose(values, c, atol=1e-3)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert seen == {"red", "grey"}
+
+
+def test_texture_dir_adds_texture_source(texture_dir) -> None:
+    synth = AnomalySynthesizer(SynthesisConfig(texture_dir=str(texture_dir)))
+    assert set(synth.sources) == {"self", "procedural", "texture"}
+
+
+def test_empty_texture_dir_is_an_error(tmp_path) -> None:
+    empty = tmp_path / "no_textures_here"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no_textures_here"):
+        AnomalySynthesizer(SynthesisConfig(texture_dir=str(empty)))
+    with pytest.raises(FileNotFoundError, match="missing_folder"):
+        AnomalySynthesizer(SynthesisConfig(texture_dir=str(tmp_path / "missing_folder")))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SynthesisConfig(sources=("texture",)),
+        SynthesisConfig(sources=("dtd",)),
+        SynthesisConfig(sources=()),
+        SynthesisConfig(foreground="object"),
+        SynthesisConfig(probability=1.5),
+        SynthesisConfig(opacity_range=(0.8, 0.2)),
+    ],
+)
+def test_invalid_config_is_rejected(config: SynthesisConfig) -> None:
+    with pytest.raises(ValueError):
+        AnomalySynthesizer(config)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_self_augmentation_source(channels: int) -> None:
+    image, _ = disc_image(channels)
+    for seed in range(10):
+        source = self_augmentation_source(image, np.random.default_rng(seed))
+        assert source.shape == image.shape and source.dtype == np.float32
+        assert source.min() >= 0.0 and source.max() <= 1.0
+        assert np.abs(source - image).mean() > 0.01
+
+
+def test_self_augmentation_moves_whole_strips() -> None:
+    # In a vertically uniform image all rows are equal. Every photometric change is per pixel or
+    # (blur, contrast) keeps vertical uniformity, and strips are whole rows or whole columns, so
+    # the rows must stay equal: anything else means the strips were cut or moved wrongly.
+    xx = np.mgrid[0:SIZE, 0:SIZE][1]
+    image = np.repeat((xx / SIZE)[..., None], 3, axis=2).astype(np.float32)
+    for seed in range(10):
+        source = self_augmentation_source(image, np.random.default_rng(seed))
+        np.testing.assert_allclose(source, np.broadcast_to(source[:1], source.shape), atol=1e-5)
+        assert np.abs(source - image).mean() > 0.01
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_procedural_texture_is_not_smooth(channels: int) -> None:
+    # Smooth images (ramps, gentle blobs) have a mean |Laplacian| around 0.005 at this size;
+    # every texture family has edges or fine detail well above it.
+    for seed in range(24):
+        texture = procedural_texture((48, 80, channels), np.random.default_rng(seed))
+        assert texture.shape == (48, 80, channels) and texture.dtype == np.float32
+        assert texture.min() >= 0.0 and texture.max() <= 1.0
+        grey = texture.mean(axis=2)
+        assert grey.std() > 0.04
+        assert np.abs(ndimage.laplace(grey, mode="nearest")).mean() > 0.015
