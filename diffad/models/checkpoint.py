@@ -13,9 +13,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
 from .diffusionad import DiffusionAD, ModelConfig
 
@@ -97,7 +96,10 @@ def load_training_state(path: str | Path, model: DiffusionAD, optimizer: torch.o
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    groups = json.loads(meta["param_groups"])
+    for group in groups:  # JSON has no tuples; Adam compares betas as one
+        group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
     return int(meta["step"])
 
 

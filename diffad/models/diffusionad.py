@@ -108,7 +108,7 @@ class DiffusionAD(nn.Module):
         sched, cfg = self.schedule, self.config
         x_t = sched.q_sample(x, cfg.t_s, self.noise[0:1].expand_as(x))
         steps = sched.ddim_timesteps(cfg.t_s, num_steps)
-        for t, t_prev in zip(steps, steps[1:] + [-1]):
+        for t, t_prev in zip(steps, steps[1:] + [-1], strict=True):
             eps = self.unet(x_t, torch.full((x.shape[0],), t, device=x.device))
             x_t = sched.ddim_step(x_t, t, t_prev, eps)
         return x_t

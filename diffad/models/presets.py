@@ -56,11 +56,14 @@ def count_gmac(model: DiffusionAD) -> dict[str, float]:
     """
     cfg = model.config
     x = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size)
+    was_training = model.training
+    model.eval()  # a forward pass in training mode would move BatchNorm's running statistics
     with torch.no_grad():
         with FlopCounterMode(display=False) as unet_counter:
             model.unet(x, torch.zeros(1, dtype=torch.long))
         with FlopCounterMode(display=False) as seg_counter:
             model.segmentation(torch.cat([x, x], dim=1))
+    model.train(was_training)
     unet = unet_counter.get_total_flops() / 2e9
     seg = seg_counter.get_total_flops() / 2e9
     return {"unet_pass": unet, "segmentation": seg, "pipeline": 2 * unet + seg}

@@ -62,7 +62,7 @@ class SegmentationNet(nn.Module):
             x = block(x if i == 0 else self.pool(x))
             skips.append(x)
         skips.pop()
-        for reduce, block in zip(self.reduce, self.decoder):
+        for reduce, block in zip(self.reduce, self.decoder, strict=True):
             x = reduce(self.upsample(x))
             x = block(torch.cat([x, skips.pop()], dim=1))
         return self.head(x)

@@ -1,0 +1,53 @@
+"""The `diffad` command line: help, clear errors with exit code 2, and a tiny run end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from diffad.cli import main
+from diffad.models.demo_data import make_category
+
+
+def test_help_lists_the_verbs():
+    out = subprocess.run([sys.executable, "-m", "diffad.cli", "--help"], capture_output=True, text=True, check=True)
+    for verb in ("train", "evaluate", "presets"):
+        assert verb in out.stdout
+
+
+def test_train_without_budget_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "budget" in capsys.readouterr().err
+
+
+def test_train_on_an_empty_folder_names_it(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["train", str(tmp_path / "empty"), "--out", str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_bad_numbers_are_rejected_by_the_parser(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(tmp_path), "--out", str(tmp_path), "--max-steps", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_evaluate_a_missing_run_names_it(tmp_path, capsys):
+    data = make_category(tmp_path / "data", size=32, num_train=2, num_test_good=1, num_test_defect=1)
+    assert main(["evaluate", str(tmp_path / "no_run"), str(data)]) == 2
+    assert "no_run" in capsys.readouterr().err
+
+
+def test_train_then_evaluate(tmp_path, capsys):
+    data = make_category(tmp_path / "data", size=32, num_train=8, num_test_good=3, num_test_defect=1)
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "2",
+                 "--batch-size", "2", "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), str(data), "--json", str(tmp_path / "eval.json")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert printed == written
+    assert {"image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1_max"} <= written.keys()
+    assert (run / "calibration.json").is_file()

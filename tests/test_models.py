@@ -1,0 +1,122 @@
+"""The networks and the one-step pipeline: shapes, determinism, reconstruction rules, presets."""
+
+import pytest
+import torch
+from torch import nn
+
+from diffad.models.diffusionad import DiffusionAD, ModelConfig
+from diffad.models.presets import count_parameters, describe, preset, top_k_for
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = DiffusionAD(preset("tiny", in_channels=3)).eval()
+    # Non-trivial weights everywhere (zero-initialised output layers would hide bugs).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_shapes(tiny):
+    x = torch.rand(3, 3, 32, 32)
+    assert tiny.unet(x, torch.tensor([0, 200, 999])).shape == x.shape
+    assert tiny.segment(x, x).shape == (3, 1, 32, 32)
+    anomaly_map, score = tiny(x)
+    assert anomaly_map.shape == (3, 1, 32, 32) and score.shape == (3,)
+    assert anomaly_map.min() >= 0 and anomaly_map.max() <= 1
+
+
+def test_score_is_mean_of_top_k(tiny):
+    anomaly_map = torch.rand(2, 1, 32, 32)
+    k = tiny.config.top_k
+    expected = torch.sort(anomaly_map.flatten(1), descending=True).values[:, :k].mean(1)
+    assert torch.allclose(tiny.score(anomaly_map), expected)
+
+
+@torch.no_grad()
+def test_result_does_not_depend_on_batch(tiny):
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    batch_maps, batch_scores = tiny(images)
+    for i in range(5):
+        m, s = tiny(images[i:i + 1])
+        assert torch.allclose(m, batch_maps[i:i + 1], atol=1e-5)
+        assert torch.allclose(s, batch_scores[i:i + 1], atol=1e-6)
+    # and the same image twice gets the same score: the noise is fixed
+    assert torch.equal(tiny(images[:2])[1], tiny(images[:2])[1])
+
+
+def test_fixed_noise_follows_the_seed():
+    a, b = DiffusionAD(preset("tiny")), DiffusionAD(preset("tiny"))
+    assert torch.equal(a.noise, b.noise)
+    cfg = preset("tiny")
+    cfg.noise_seed = 7
+    assert not torch.equal(DiffusionAD(cfg).noise, a.noise)
+    assert a.noise.shape == (2, 3, 32, 32)
+    assert "noise" in a.state_dict()  # saved with the weights
+
+
+class OracleUNet(nn.Module):
+    """Predicts the exact noise that takes a known clean image to x_t."""
+
+    def __init__(self, schedule, x0):
+        super().__init__()
+        self.schedule, self.x0 = schedule, x0
+
+    def forward(self, x_t, t):
+        n = self.x0.shape[0]
+        chunks = range(0, x_t.shape[0], n)  # the pipeline stacks the t_s and t_l batches
+        return torch.cat([self.schedule.predict_eps(x_t[i:i + n], t[i:i + n], self.x0) for i in chunks])
+
+
+@torch.no_grad()
+def test_reconstructions_with_a_perfect_unet_return_the_image():
+    model = DiffusionAD(preset("tiny", in_channels=1)).eval()
+    x0 = torch.rand(2, 1, 32, 32) * 1.8 - 0.9
+    model.unet = OracleUNet(model.schedule, x0)
+    assert torch.allclose(model.reconstruct(x0), x0, atol=1e-4)
+    assert torch.allclose(model.reconstruct_ddim(x0, 10), x0, atol=1e-4)
+
+
+def test_config_round_trip():
+    cfg = preset("small", image_size=64, in_channels=1)
+    again = ModelConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert again.unet.in_channels == 1 and again.segmentation.in_channels == 2
+
+
+def test_config_rejects_bad_steps():
+    with pytest.raises(ValueError, match="t_s"):
+        ModelConfig(t_s=400, t_l=200)
+
+
+def test_unet_rejects_indivisible_size():
+    with pytest.raises(ValueError, match="divisible"):
+        DiffusionAD(preset("small", image_size=100))
+
+
+def test_top_k_scales_with_area():
+    assert top_k_for(256) == 50
+    assert top_k_for(128) == 12
+    assert top_k_for(16) == 1
+
+
+def test_paper_preset_has_the_published_size():
+    model = DiffusionAD(preset("paper"))
+    # The paper: about 132 M (UNet) and 28 M (segmentation); this implementation is within 15 %/35 %.
+    assert 112e6 < count_parameters(model.unet) < 152e6
+    assert 20e6 < count_parameters(model.segmentation) < 40e6
+    assert model.config.image_size == 256 and model.config.top_k == 50
+
+
+def test_cost_counts_both_unet_passes():
+    model = DiffusionAD(preset("tiny"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cost = describe(model)
+    assert model.training  # mode restored, and counting changed no statistics
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert cost["pipeline_gmac_per_image"] == pytest.approx(2 * cost["unet_gmac_per_pass"] + cost["segmentation_gmac"])
+    bigger = describe(DiffusionAD(preset("tiny", image_size=64)))
+    # convolutions dominate: about 4x the MACs at twice the side
+    assert 3.5 < bigger["pipeline_gmac_per_image"] / cost["pipeline_gmac_per_image"] < 4.5
