@@ -35,6 +35,28 @@ def _positive_float(text: str) -> float:
     return value
 
 
+EXPORT_DESCRIPTION = """\
+Export the whole one-step inference as one ONNX graph (images in, uint8 or float32 NCHW, dynamic batch;
+anomaly map and image score out; the fixed noise inside), check it against PyTorch at batch 1 and 8, and
+write BUNDLE_DIR: bundle.json, model.onnx and model.safetensors. The threshold comes from
+RUN_DIR/calibration.json; a run without one (run `diffad evaluate` first) is exported with threshold null
+and a warning. With --tensorrt, also build and check a TensorRT engine for this machine's GPU.
+"""
+
+EXPORT_EPILOG = """\
+examples:
+  diffad export runs/dagm --out bundles/dagm
+  diffad export runs/dagm --out bundles/dagm --overwrite --tensorrt --fp16 --max-batch 16
+
+exit status:
+  0  bundle written. With --tensorrt on a machine that cannot build engines (no NVIDIA GPU, no tensorrt
+     package or no cuda-python) the bundle holds the ONNX model only and one warning line names what is
+     missing: engines are built on the GPU host that runs them.
+  1  a check failed (ONNX or TensorRT parity) or TensorRT could not build the engine; nothing is written.
+  2  bad arguments, a missing or broken run, or BUNDLE_DIR exists (see --overwrite).
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffad", description="DiffusionAD visual anomaly detection: train on good images, find defects.",
@@ -70,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
 
     p = verbs.add_parser("evaluate", help="measure a model on a labelled test set and calibrate its threshold",
-                         description="Image AUROC, pixel AUROC, AUPRO (up to 30%% FPR), pixel AP and image "
+                         description="Image AUROC, pixel AUROC, AUPRO (up to 30% FPR), pixel AP and image "
                          "F1-max on DATA_DIR/test. Stores the calibrated threshold in RUN_DIR/calibration.json: "
                          "a quantile of scores on validation/good when present, else the F1-optimal one.")
     p.add_argument("model", metavar="RUN_DIR_OR_BUNDLE", help="a training run folder or a model file")
@@ -80,10 +102,99 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", choices=("auto", "f1", "quantile", "none"), default="auto")
     p.add_argument("--quantile", type=float, default=0.99, help="for quantile calibration (default 0.99)")
 
+    p = verbs.add_parser("export", help="write a model bundle (ONNX graph, optional TensorRT engine) from a run",
+                         description=EXPORT_DESCRIPTION, epilog=EXPORT_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run folder (with model.safetensors)")
+    p.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="folder for the bundle")
+    p.add_argument("--name", help="the model's name in the bundle (default: RUN_DIR's folder name)")
+    p.add_argument("--input-dtype", choices=("uint8", "float32"), default="uint8",
+                   help="the graph's input: uint8 0..255 (default; the graph divides by 255) or float32 0..1")
+    p.add_argument("--opset", type=int, help="ONNX opset, 18 or newer (default 18)")
+    p.add_argument("--overwrite", action="store_true", help="replace BUNDLE_DIR if it exists")
+    p.add_argument("--tensorrt", action="store_true",
+                   help="also build a TensorRT engine for this GPU; without a GPU, the tensorrt package or "
+                   "cuda-python the ONNX bundle is still written, with a warning (exit 0)")
+    p.add_argument("--fp16", action="store_true", help="build the engine in fp16 (needs --tensorrt)")
+    p.add_argument("--min-batch", type=_positive_int, help="engine profile: smallest batch (default 1)")
+    p.add_argument("--opt-batch", type=_positive_int, help="engine profile: batch tuned for (default 8)")
+    p.add_argument("--max-batch", type=_positive_int, help="engine profile: largest batch (default 32)")
+    p.add_argument("--timing-cache", metavar="FILE",
+                   help="TensorRT timing cache to read and update (default: one per GPU and TensorRT version "
+                   "under ~/.cache/diffad/tensorrt)")
+
     verbs.add_parser("presets", help="print each preset's parameter count and GMAC per image",
                      description="Parameters and multiply-accumulates per image of the one-step pipeline "
                      "(two UNet passes + segmentation) for each preset, at its default size, 3 channels.")
+    _add_service_verbs(verbs)
     return parser
+
+
+SERVE_EPILOG = """\
+settings (environment, or a .env / DIFFAD_SETTINGS_FILE file; flags given here win):
+  DIFFAD_MODELS DIFFAD_BACKEND DIFFAD_MAX_BATCH_SIZE DIFFAD_MAX_QUEUE_DELAY_MS DIFFAD_MAX_QUEUE_SIZE
+  DIFFAD_REQUEST_TIMEOUT_S DIFFAD_MAX_UPLOAD_BYTES DIFFAD_MAX_IMAGE_PIXELS DIFFAD_THREADS DIFFAD_ENGINE_CACHE
+  DIFFAD_HOST DIFFAD_PORT DIFFAD_LOG_LEVEL, and DIFFAD_API_KEYS (comma-separated; no flag, to keep keys out
+  of the process list)
+
+examples:
+  diffad serve bundles/dagm --port 8000
+  curl -F file=@part.png 'http://127.0.0.1:8000/inspect?map=none'
+"""
+
+ENGINES_EPILOG = """\
+Engines run only on the GPU model and TensorRT version they were built with, so build them on the host
+that serves. Each lands in DIR with a sidecar JSON (source model.onnx SHA-256, GPU, TensorRT version,
+precision, batch profile, parity against ONNX Runtime); the service (DIFFAD_ENGINE_CACHE=DIR) uses an
+engine only if all of them match. Bundles are only read, so they may be mounted read-only.
+
+exit status: 0 built or already present, or nothing to build here (no GPU or no TensorRT: the service
+uses ONNX Runtime); 1 a build or parity check failed; 2 bad arguments or a broken bundle.
+"""
+
+
+def _add_service_verbs(verbs) -> None:
+    """`serve`, `engines` and `bench load`: the inspection service and its engines and load test."""
+    p = verbs.add_parser("serve", help="serve model bundles over HTTP (POST /inspect)",
+                         description="Serve one or more model bundles: dynamic batching per model, Prometheus "
+                         "metrics, readiness after warm-up, graceful shutdown on SIGTERM.", epilog=SERVE_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundles", nargs="*", metavar="BUNDLE_DIR", help="model bundles (default: DIFFAD_MODELS)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "torch"),
+                   help="auto (default): a TensorRT engine for this GPU, else ONNX Runtime CUDA, else CPU")
+    p.add_argument("--max-batch-size", type=_positive_int, help="largest dynamic batch (default 8)")
+    p.add_argument("--max-queue-delay-ms", type=float, help="longest wait for a batch to fill (default 5)")
+    p.add_argument("--max-queue-size", type=_positive_int, help="queued requests per model before 429 (default 256)")
+    p.add_argument("--request-timeout-s", type=_positive_float, help="504 after this (default 30)")
+    p.add_argument("--max-upload-bytes", type=_positive_int, help="413 above (default 20 MiB)")
+    p.add_argument("--max-image-pixels", type=_positive_int, help="413 above width x height (default 50 M)")
+    p.add_argument("--threads", type=_positive_int, help="backend intra-op threads (default: the backend's)")
+    p.add_argument("--engine-cache", metavar="DIR", help="TensorRT engines built by `diffad engines`")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), help="default info")
+
+    p = verbs.add_parser("engines", help="build TensorRT engines for this GPU into an engine cache",
+                         description="Build, for this machine's GPU, the TensorRT engine each bundle lacks, "
+                         "into a cache folder outside the bundles.", epilog=ENGINES_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundles", nargs="+", metavar="BUNDLE_DIR")
+    p.add_argument("--cache-dir", metavar="DIR", help="where engines go (default: DIFFAD_ENGINE_CACHE)")
+    p.add_argument("--fp16", action="store_true", help="build fp16 engines (default fp32)")
+    p.add_argument("--min-batch", type=_positive_int, help="engine profile: smallest batch (default 1)")
+    p.add_argument("--opt-batch", type=_positive_int, help="engine profile: batch tuned for (default 8)")
+    p.add_argument("--max-batch", type=_positive_int, help="engine profile: largest batch (default 32)")
+
+    p = verbs.add_parser("bench", help="benchmarks that print one JSON object",
+                         description="Benchmarks; each prints one JSON object.")
+    benches = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    from .benchmarks.load import add_arguments as add_load_arguments
+
+    add_load_arguments(benches.add_parser(
+        "load", help="the service under many concurrent clients, with and without dynamic batching",
+        description="Start `diffad serve` on the bundle (once with dynamic batching, once without) and drive "
+        "it with concurrent HTTP clients from this process; report throughput and latency percentiles next "
+        "to the bare backend's throughput at the same batch sizes."))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,8 +209,18 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.verb == "evaluate":
             return _evaluate(args)
+        if args.verb == "export":
+            return _export(args)
         if args.verb == "presets":
             return _presets()
+        if args.verb == "serve":
+            return _serve(args)
+        if args.verb == "engines":
+            return _engines(args)
+        if args.verb == "bench":
+            from .benchmarks.load import run as run_load_benchmark
+
+            return run_load_benchmark(args)
     except (DataError, CheckpointError, ValueError) as e:
         print(f"diffad {args.verb}: error: {e}", file=sys.stderr)
         return 2
@@ -134,6 +255,34 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .export.exporter import ExportOptions, ParityError, export_bundle
+    from .export.tensorrt_engine import EngineBuildError, EngineOptions
+
+    engine_args = {"min_batch": args.min_batch, "opt_batch": args.opt_batch, "max_batch": args.max_batch,
+                   "fp16": args.fp16 or None, "timing_cache": args.timing_cache}
+    given = {k: v for k, v in engine_args.items() if v is not None}
+    if given and not args.tensorrt:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"{flags} {'needs' if len(given) == 1 else 'need'} --tensorrt")
+    engine = EngineOptions.from_partial(**given) if args.tensorrt else None  # checked before the export
+    options = ExportOptions(input_dtype=args.input_dtype, name=args.name, overwrite=args.overwrite,
+                            tensorrt=engine, **({"opset": args.opset} if args.opset is not None else {}))
+    try:
+        manifest = export_bundle(args.run_dir, args.out, options)
+    except (ParityError, EngineBuildError) as e:
+        print(f"diffad export: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({
+        "bundle": args.out, "name": manifest["name"], "files": sorted(manifest["files"]),
+        "input": manifest["input"], "threshold": manifest["threshold"],
+        "onnx": {k: manifest["onnx"][k] for k in ("opset", "exporter", "optimization", "parity")},
+        "engines": [{k: e[k] for k in ("file", "gpu", "tensorrt_version", "precision", "parity")}
+                    for e in manifest["engines"]],
+    }, indent=2))
+    return 0
+
+
 def _presets() -> int:
     from .models.diffusionad import DiffusionAD
     from .models.presets import PRESET_NAMES, describe, preset
@@ -143,6 +292,53 @@ def _presets() -> int:
         cfg = preset(name)
         rows.append({"preset": name, "image_size": cfg.image_size, **describe(DiffusionAD(cfg))})
     print(json.dumps(rows, indent=2))
+    return 0
+
+
+def _serve(args) -> int:
+    from .service.server import serve
+    from .service.settings import load_settings
+
+    flags = {name: getattr(args, name) for name in (
+        "host", "port", "backend", "max_batch_size", "max_queue_delay_ms", "max_queue_size", "request_timeout_s",
+        "max_upload_bytes", "max_image_pixels", "threads", "engine_cache", "log_level")}
+    settings = load_settings(models=args.bundles or None, **flags)
+    serve(settings)
+    return 0
+
+
+def _engines(args) -> int:
+    import os
+
+    from .export.bundle import load_bundle
+    from .export.tensorrt_engine import (
+        EngineBuildError,
+        EngineOptions,
+        build_cached_engine,
+        join_words,
+        missing_for_tensorrt,
+    )
+
+    cache_dir = args.cache_dir or os.environ.get("DIFFAD_ENGINE_CACHE")
+    if not cache_dir:
+        raise ValueError("give --cache-dir DIR (or set DIFFAD_ENGINE_CACHE)")
+    options = EngineOptions.from_partial(min_batch=args.min_batch, opt_batch=args.opt_batch,
+                                         max_batch=args.max_batch, fp16=args.fp16)
+    for bundle_dir in args.bundles:  # a typo or a broken bundle is reported on any machine
+        load_bundle(bundle_dir)
+    missing = missing_for_tensorrt()
+    if missing:
+        print(f"diffad engines: nothing to build: this machine lacks {join_words(missing)}, so no TensorRT "
+              "engine can be built or run here; the service will use ONNX Runtime for these bundles")
+        return 0
+    results = []
+    for bundle_dir in args.bundles:
+        try:
+            results.append(build_cached_engine(bundle_dir, cache_dir, options))
+        except EngineBuildError as e:
+            print(f"diffad engines: error: {bundle_dir}: {e}", file=sys.stderr)
+            return 1
+    print(json.dumps(results, indent=2))
     return 0
 
 

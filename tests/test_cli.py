@@ -12,7 +12,7 @@ from diffad.models.demo_data import make_category
 
 def test_help_lists_the_verbs():
     out = subprocess.run([sys.executable, "-m", "diffad.cli", "--help"], capture_output=True, text=True, check=True)
-    for verb in ("train", "evaluate", "presets"):
+    for verb in ("train", "evaluate", "presets", "export"):
         assert verb in out.stdout
 
 

@@ -1,0 +1,167 @@
+"""`diffad export`: a training run in, a checked model bundle out.
+
+1. load RUN_DIR/model.safetensors and export the one-step pipeline to ONNX (onnx_export.py);
+2. check ONNX Runtime against PyTorch at batch 1 and 8 on generated images (parity.py);
+3. write bundle.json: interface, method constants, calibrated threshold and score scale, training and
+   validation summaries, parity figures, file hashes (bundle.py);
+4. with TensorRT requested and possible here, build and check an engine for this GPU (tensorrt_engine.py).
+
+Everything is written into a staging folder beside BUNDLE_DIR and moved into place only once every check
+has passed, so BUNDLE_DIR never holds a half-written or unchecked bundle: on a failed check nothing is
+written. A machine that cannot build TensorRT engines (no tensorrt package, no cuda-python, no GPU) still
+gets a complete ONNX bundle, with one warning line that says what it lacks; engines are built where they
+run, with the same command or `tensorrt_engine.add_engine`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .. import __version__
+from ..models import checkpoint as ckpt
+from ..models.evaluation import load_calibration
+from .bundle import (
+    INPUT_DTYPES,
+    ONNX_FILE,
+    SCHEMA_VERSION,
+    WEIGHTS_FILE,
+    describe_input,
+    describe_outputs,
+    load_bundle,
+    normalization_from_calibration,
+    seal_bundle,
+)
+from .onnx_export import DEFAULT_OPSET, MIN_OPSET, export_onnx
+from .parity import onnx_vs_torch, parity_images
+from .tensorrt_engine import EngineOptions, add_engine, join_words, missing_for_tensorrt
+
+log = logging.getLogger("diffad.export")
+
+TRAIN_SUMMARY_FILE = "train_summary.json"
+EVAL_FILE = "eval.json"
+
+
+class ParityError(RuntimeError):
+    """The exported graph does not compute what the PyTorch model computes."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    input_dtype: str = "uint8"
+    opset: int = DEFAULT_OPSET
+    name: str | None = None                  # the model's name in the bundle; default: RUN_DIR's name
+    overwrite: bool = False                  # replace an existing BUNDLE_DIR
+    tensorrt: EngineOptions | None = None    # also build a TensorRT engine (where possible)
+    parity_batch_sizes: tuple[int, ...] = (1, 8)
+
+    def __post_init__(self):  # fail before the slow part
+        if self.input_dtype not in INPUT_DTYPES:
+            raise ValueError(f"input dtype must be one of {', '.join(INPUT_DTYPES)}, got {self.input_dtype!r}")
+        if self.opset < MIN_OPSET:
+            raise ValueError(f"opset must be at least {MIN_OPSET}, got {self.opset}")
+
+
+def export_bundle(run_dir: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions()) -> dict:
+    """Export RUN_DIR into the bundle folder out_dir; returns bundle.json's content as written."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run folder not found: {run_dir} (give the folder `diffad train --out` wrote)")
+    if out_dir.exists() and not options.overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"{out_dir} already exists and is not empty; pass --overwrite to replace it")
+    if out_dir.resolve() == run_dir.resolve():
+        raise ValueError("the bundle folder must differ from the run folder")
+    model = ckpt.load_model(run_dir)  # CheckpointError names the file when it is missing or broken
+
+    staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        onnx_info = export_onnx(model, staging / ONNX_FILE, options.input_dtype, options.opset)
+        shutil.copyfile(run_dir / ckpt.MODEL_FILE, staging / WEIGHTS_FILE)
+
+        cfg = model.config
+        images = parity_images(cfg.image_size, cfg.in_channels, count=max(options.parity_batch_sizes))
+        parity = onnx_vs_torch(model, staging / ONNX_FILE, options.input_dtype, images, options.parity_batch_sizes)
+        if not parity["passed"]:
+            raise ParityError("the ONNX graph does not match the PyTorch model: " + "; ".join(parity["failures"])
+                              + f". No bundle was written to {out_dir}")
+
+        seal_bundle(staging, build_manifest(model, run_dir, options, {**onnx_info.to_dict(), "parity": parity}))
+        if options.tensorrt is not None:
+            missing = missing_for_tensorrt()
+            if missing:
+                log.warning("--tensorrt: no engine built, this machine lacks %s; the bundle holds the ONNX "
+                            "model only (build engines on the GPU host)", join_words(missing))
+            else:
+                add_engine(staging, options.tensorrt)
+        _move_into_place(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    bundle = load_bundle(out_dir)  # verify what landed, hashes included
+    log.info("bundle written to %s (%s)", out_dir, ", ".join(bundle.manifest["files"]))
+    return bundle.manifest
+
+
+def build_manifest(model, run_dir: Path, options: ExportOptions, onnx_block: dict) -> dict:
+    """bundle.json's content, less the file hashes (seal_bundle adds them)."""
+    cfg = model.config
+    calibration = load_calibration(run_dir)
+    if calibration is None:
+        log.warning("%s has no calibration.json: the bundle's threshold is null and scores cannot be "
+                    "normalised; run `diffad evaluate %s DATA_DIR` first, then export again", run_dir, run_dir)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": options.name or run_dir.resolve().name,
+        "preset": cfg.name,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "diffad_version": __version__,
+        "input": describe_input(cfg.image_size, cfg.in_channels, options.input_dtype),
+        "outputs": describe_outputs(cfg.image_size),
+        "t_s": cfg.t_s,
+        "t_l": cfg.t_l,
+        "w": cfg.w,
+        "noise_seed": cfg.noise_seed,
+        "top_k": cfg.top_k,
+        "threshold": None if calibration is None else float(calibration.threshold),
+        "score_normalization": normalization_from_calibration(None if calibration is None else calibration.to_dict()),
+        "training": _training_summary(run_dir),
+        "validation": _read_json(run_dir / EVAL_FILE),
+        "onnx": onnx_block,
+        "engines": [],
+        "model_config": cfg.to_dict(),
+    }
+
+
+def _training_summary(run_dir: Path) -> dict | None:
+    """train_summary.json, or the copy `diffad train` stores in the model file's metadata."""
+    summary = _read_json(run_dir / TRAIN_SUMMARY_FILE)
+    if summary is None:
+        stored = ckpt.read_metadata(run_dir / ckpt.MODEL_FILE).get("training")
+        summary = json.loads(stored) if stored else None
+    return summary
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Replace out_dir by staging with two renames (the old bundle goes only once the new one is there)."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
