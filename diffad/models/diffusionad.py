@@ -74,6 +74,13 @@ class DiffusionAD(nn.Module):
         self.schedule = LinearNoiseSchedule(config.schedule)
         self.register_buffer("noise", fixed_noise(config))
 
+    def _apply(self, fn, recurse=True):
+        # model.to(device) moves parameters and buffers; the schedule's tables follow the device (not the
+        # dtype: they stay float32) so that no step copies them from the host, which CUDA graphs forbid.
+        super()._apply(fn, recurse)
+        self.schedule.to(self.noise.device)
+        return self
+
     # --- inference -------------------------------------------------------------------------------
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Norm-guided one-step reconstruction of x in [-1, 1]; both UNet passes in one batched call."""
@@ -81,7 +88,8 @@ class DiffusionAD(nn.Module):
         sched = self.schedule
         x_ts = sched.q_sample(x, cfg.t_s, self.noise[0:1].expand_as(x))
         x_tl = sched.q_sample(x, cfg.t_l, self.noise[1:2].expand_as(x))
-        t = torch.cat([torch.full((n,), cfg.t_s), torch.full((n,), cfg.t_l)]).to(x.device)
+        # made on the input's device: a host-to-device copy would break CUDA-graph capture
+        t = torch.cat([torch.full((n,), cfg.t_s, device=x.device), torch.full((n,), cfg.t_l, device=x.device)])
         eps = self.unet(torch.cat([x_ts, x_tl]), t)
         x0_s = sched.predict_x0(x_ts, cfg.t_s, eps[:n])
         x0_l = sched.predict_x0(x_tl, cfg.t_l, eps[n:]).clamp(-1.0, 1.0)

@@ -41,6 +41,12 @@ class LinearNoiseSchedule:
         self.alpha_bar = torch.tensor(alpha_bar, dtype=torch.float32)
         self.alpha_bar_prev = torch.tensor(np.append(1.0, alpha_bar[:-1]), dtype=torch.float32)
 
+    def to(self, device: torch.device | str) -> LinearNoiseSchedule:
+        """Move the tables (kept in float32) to a device, in place, so lookups there copy nothing."""
+        self.betas, self.alpha_bar, self.alpha_bar_prev = (
+            v.to(device) for v in (self.betas, self.alpha_bar, self.alpha_bar_prev))
+        return self
+
     # --- forward process -------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
