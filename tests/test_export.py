@@ -44,8 +44,10 @@ from diffad.export.tensorrt_engine import (
     EngineMismatchError,
     EngineOptions,
     EngineRunner,
+    TensorRTUnavailable,
     add_engine,
     check_engine_compatible,
+    check_precision_supported,
     engine_filename,
     gpu_slug,
     load_engine,
@@ -366,6 +368,13 @@ def test_engine_filename():
         engine_filename("Tesla T4", "10.3.0", "int8")
     with pytest.raises(ValueError):
         engine_filename("Tesla T4", "10.3/../x", "fp16")
+
+
+def test_fp16_engines_need_tensorrt_10():
+    check_precision_supported("fp16", "10.13.3.9")
+    check_precision_supported("fp32", "11.4.0.106")
+    with pytest.raises(TensorRTUnavailable, match=r"TensorRT 11\.4\.0\.106 .*tensorrt>=10,<11"):
+        check_precision_supported("fp16", "11.4.0.106")
 
 
 ENTRY = {"file": "model.nvidia-a100-sxm4-40gb.trt10.3.0.fp16.engine", "gpu": "NVIDIA A100-SXM4-40GB",

@@ -216,6 +216,15 @@ def default_timing_cache(gpu_name: str, trt_version: str) -> Path:
 
 
 # --- building ------------------------------------------------------------------------------------
+def check_precision_supported(precision: str, trt_version: str) -> None:
+    """fp16 engines are built with the FP16 builder flag ("weak typing"), which TensorRT 11 removed."""
+    major = int(trt_version.split(".")[0])
+    if precision == "fp16" and major >= 11:
+        raise TensorRTUnavailable(
+            f"TensorRT {trt_version} builds only strongly typed networks and has no FP16 builder flag; "
+            "build fp16 engines with TensorRT 10 (pip install 'tensorrt>=10,<11'), or build an fp32 engine")
+
+
 def build_engine(onnx_path: str | Path, engine_path: str | Path, options: EngineOptions,
                  timing_cache: str | Path) -> float:
     """Parse the ONNX graph and build a serialised engine for this GPU; returns the build seconds."""
@@ -236,9 +245,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: Engine
     profile.set_shape(INPUT_NAME, (options.min_batch, *shape), (options.opt_batch, *shape),
                       (options.max_batch, *shape))
     config.add_optimization_profile(profile)
+    check_precision_supported(options.precision, trt.__version__)
     if options.fp16:
         config.set_flag(trt.BuilderFlag.FP16)
-    else:
+    elif hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # plain fp32, held to fp32 tolerances
 
     # The timing cache keeps each kernel's measured speed, so a rebuild skips most of the autotuning.
