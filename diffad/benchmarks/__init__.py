@@ -1,0 +1,1 @@
+"""Benchmarks behind `diffad bench`: throughput of the backends, load on the service."""
