@@ -201,9 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from .models.checkpoint import CheckpointError
-    from .models.data import DataError
-
     try:
         if args.verb == "train":
             return _train(args)
@@ -221,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             from .benchmarks.load import run as run_load_benchmark
 
             return run_load_benchmark(args)
-    except (DataError, CheckpointError, ValueError) as e:
+    except ValueError as e:  # DataError, CheckpointError, BundleError and bad settings are ValueErrors
         print(f"diffad {args.verb}: error: {e}", file=sys.stderr)
         return 2
     return 1

@@ -1,0 +1,148 @@
+"""The FastAPI application: `create_app(settings)` builds it, its lifespan runs the models.
+
+    app = create_app(load_settings())        # checks every bundle now: a bad one raises here
+    uvicorn.run(app)                         # or `diffad serve BUNDLE_DIR...`
+
+Startup returns at once (the server listens, /healthz answers); the models open and warm up in the
+background and /readyz turns 200 when all are ready. Shutdown stops intake (503), answers what is
+queued, then frees the backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from .backends import BackendFactory
+from .metrics import MODEL_STATE_KEY, UNKNOWN_MODEL, ServiceMetrics
+from .models import ModelRegistry
+from .routes import CLIENT_CLOSED_REQUEST, STATIC_DIR, api_router, public_router
+from .settings import Settings
+
+log = logging.getLogger("diffad.service")
+access_log = logging.getLogger("diffad.access")
+
+# Multipart framing (boundaries, part headers) on top of the file itself.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+def create_app(settings: Settings, backend_factory: BackendFactory | None = None) -> FastAPI:
+    """The service for settings.models. backend_factory(bundle, settings) -> Backend replaces the
+    backend choice (tests wrap the real backend with it)."""
+    metrics = ServiceMetrics()
+    registry = ModelRegistry(settings, metrics, backend_factory)  # loads and verifies the bundles
+    docs = not settings.api_keys  # with API keys, no unauthenticated schema or docs either
+    app = FastAPI(title="diffad inspection service", version=__version__, lifespan=_lifespan,
+                  description="DiffusionAD visual anomaly detection: POST an image to /inspect.",
+                  docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.registry = registry
+    app.state.web_page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    app.include_router(public_router)
+    app.include_router(api_router)
+    app.add_exception_handler(Exception, _internal_error)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)  # added last: outermost, sees every answer
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    registry: ModelRegistry = app.state.registry
+    settings: Settings = app.state.settings
+    loading = asyncio.create_task(registry.start(), name="diffad-load-models")
+    try:
+        yield
+    finally:
+        registry.begin_drain()
+        if not loading.done():
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+        await registry.close(timeout_s=settings.request_timeout_s)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, _printable(request.url.path), exc_info=exc)
+    return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """Request-supplied text for a log line: escaped (repr) and bounded, so it cannot forge lines."""
+    escaped = repr(text[:limit])[1:-1]
+    return escaped + ("..." if len(text) > limit else "")
+
+
+class BodySizeLimitMiddleware:
+    """413 for a body over max_bytes: at once from Content-Length, else while it streams in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        detail = f"request body larger than {self.max_bytes} bytes"
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                response = JSONResponse({"detail": detail}, status_code=413, headers={"Connection": "close"})
+                return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, detail)  # FastAPI re-raises it from body parsing: a JSON 413
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class ObservabilityMiddleware:
+    """Access log (escaped) for every request; diffad_requests_total for every answer of /inspect."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = CLIENT_CLOSED_REQUEST  # until a response starts
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        except Exception:
+            status = 500
+            raise
+        finally:
+            path = scope.get("path", "")
+            if path == "/inspect":
+                model = scope.get("state", {}).get(MODEL_STATE_KEY, UNKNOWN_MODEL)
+                self.metrics.requests.labels(model, str(status)).inc()
+            if access_log.isEnabledFor(logging.INFO):
+                client = scope.get("client") or ("-", 0)
+                query = scope.get("query_string", b"").decode("latin-1")
+                access_log.info('%s "%s %s%s" %d %.1fms', client[0], scope.get("method", "-"), _printable(path),
+                                "?" + _printable(query) if query else "", status,
+                                (time.perf_counter() - started) * 1e3)

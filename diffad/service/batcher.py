@@ -1,0 +1,226 @@
+"""Dynamic batching: one bounded queue and one worker per model, as Triton's dynamic batcher does.
+
+The worker takes the oldest request and gathers more until the batch holds max_batch_size requests or
+the oldest has waited max_queue_delay; it then runs the batch on the model's own thread (the event loop
+keeps serving meanwhile) and answers each request with its own row of the result.
+
+- A full queue refuses at once (QueueFullError, HTTP 429 with Retry-After) instead of growing latency.
+- A request past its deadline is dropped when a batch is formed, never computed late; one whose
+  client went away (its future cancelled) is skipped the same way.
+- A backend failure fails that batch's requests only; the worker keeps running.
+- close() stops intake and lets the worker finish everything already queued (graceful shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .metrics import ServiceMetrics
+
+log = logging.getLogger("diffad.service")
+
+RunBatch = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class QueueFullError(RuntimeError):
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"the queue is full; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutError(RuntimeError):
+    """The request outlived its deadline before its batch ran (or while it ran)."""
+
+
+class InferenceError(RuntimeError):
+    """The backend raised on the batch that held this request."""
+
+
+class BatcherClosedError(RuntimeError):
+    """The batcher takes no new requests: the service is shutting down."""
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    anomaly_map: np.ndarray   # float32 [1, H, W] at the model's resolution
+    score: float              # the raw image score
+    queue_s: float            # enqueued -> its batch started
+    inference_s: float        # the whole batch's backend time
+    batch_size: int
+
+
+@dataclass(eq=False)
+class _Pending:
+    image: np.ndarray
+    future: asyncio.Future
+    enqueued_at: float
+    deadline: float
+
+
+_STOP = object()
+
+
+class DynamicBatcher:
+    def __init__(self, model: str, run_batch: RunBatch, executor: Executor, max_batch_size: int,
+                 max_queue_delay_s: float, max_queue_size: int, metrics: ServiceMetrics | None = None):
+        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
+            raise ValueError("need max_batch_size >= 1, max_queue_size >= 1 and max_queue_delay_s >= 0")
+        self.model = model
+        self.run_batch = run_batch
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self.metrics = metrics
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue_size)
+        self._worker: asyncio.Task | None = None
+        self._accepting = False
+        self._seconds_per_batch = 0.0  # moving average, for Retry-After
+        self._forming = 0  # requests taken off the queue into the batch being formed
+        if metrics is not None:
+            metrics.queue_depth.labels(model).set_function(lambda: self.depth)
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting: in the queue, or taken into a batch that is still filling."""
+        return self._queue.qsize() + self._forming
+
+    def start(self) -> None:
+        self._accepting = True
+        self._worker = asyncio.create_task(self._work(), name=f"diffad-batcher-{self.model}")
+
+    async def infer(self, image: np.ndarray, deadline: float) -> InferenceResult:
+        """Queue one image (uint8 C x H x W) and wait for its result until deadline (time.monotonic())."""
+        if not self._accepting:
+            raise BatcherClosedError(f"model {self.model} is not taking requests")
+        now = time.monotonic()
+        if now >= deadline:
+            raise RequestTimeoutError("the request timed out before it was queued")
+        pending = _Pending(image, asyncio.get_running_loop().create_future(), now, deadline)
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            raise QueueFullError(self.retry_after_s()) from None
+        try:
+            # On timeout (or the caller's cancellation) wait_for cancels the future: the worker skips it.
+            return await asyncio.wait_for(pending.future, deadline - now)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError("the request outlived its timeout") from None
+
+    def retry_after_s(self) -> int:
+        """Whole seconds until the queue has likely drained by a batch's worth (at least 1)."""
+        batches = math.ceil(self.depth / self.max_batch_size)
+        return max(1, min(60, math.ceil(batches * self._seconds_per_batch)))
+
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Take no new requests, answer those queued, then stop the worker."""
+        self._accepting = False
+        if self._worker is None:
+            return
+        if not self._worker.done():
+            await self._queue.put(_STOP)  # FIFO: everything queued before it is answered first
+        try:
+            await asyncio.wait_for(asyncio.shield(self._worker), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("model %s: queue not drained in %.0f s; cancelling what is left", self.model, timeout_s)
+            self._worker.cancel()
+            self._fail_queued(BatcherClosedError("the service shut down before this request ran"))
+
+    # --- the worker --------------------------------------------------------------------------------
+    async def _work(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            self._forming = 1
+            batch_closes = first.enqueued_at + self.max_queue_delay_s
+            while len(batch) < self.max_batch_size:
+                try:
+                    item = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    wait = batch_closes - time.monotonic()
+                    if wait <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), wait)
+                    except asyncio.TimeoutError:
+                        break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+                self._forming = len(batch)
+            self._forming = 0
+            try:
+                await self._run(batch)
+            except Exception:  # a bug here must not stop the model: fail this batch, keep serving
+                log.exception("model %s: batch of %d failed outside the backend", self.model, len(batch))
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(InferenceError("internal error while batching"))
+
+    def _live(self, batch: list[_Pending]) -> list[_Pending]:
+        """The requests still wanted: not cancelled by their client, not past their deadline."""
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            if item.future.done():  # cancelled: the client went away or its wait timed out
+                continue
+            if now >= item.deadline:
+                item.future.set_exception(RequestTimeoutError("the request timed out in the queue"))
+                continue
+            live.append(item)
+        return live
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        live = self._live(batch)
+        if not live:
+            return
+        started = time.monotonic()
+        images = [item.image for item in live]
+        loop = asyncio.get_running_loop()
+        try:
+            maps, scores = await loop.run_in_executor(self.executor, self._call_backend, images)
+        except Exception as e:
+            log.exception("model %s: inference failed on a batch of %d", self.model, len(live))
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(InferenceError(f"inference failed: {type(e).__name__}"))
+            return
+        elapsed = time.monotonic() - started
+        self._seconds_per_batch = elapsed if not self._seconds_per_batch else (
+            0.8 * self._seconds_per_batch + 0.2 * elapsed)
+        if self.metrics is not None:
+            self.metrics.inference_duration.labels(self.model).observe(elapsed)
+            self.metrics.batch_size.labels(self.model).observe(len(live))
+        for i, item in enumerate(live):
+            queue_s = started - item.enqueued_at
+            if self.metrics is not None:
+                self.metrics.queue_duration.labels(self.model).observe(queue_s)
+            if not item.future.done():
+                item.future.set_result(InferenceResult(maps[i], float(scores[i]), queue_s, elapsed, len(live)))
+
+    def _call_backend(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = self.run_batch(np.stack(images))
+        if len(maps) != len(images) or len(scores) != len(images):
+            raise RuntimeError(f"the backend answered {len(scores)} results for {len(images)} images")
+        return maps, scores
+
+    def _fail_queued(self, error: Exception) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if item is not _STOP and not item.future.done():
+                item.future.set_exception(error)

@@ -1,0 +1,52 @@
+"""Prometheus metrics of the service, in a registry of its own (one per app, so tests do not clash).
+
+Names are the contract of docs/DESIGN.md; every series carries a `model` label (the model's name from
+its bundle, or "_unknown" when a request named none that exists, so clients cannot grow the label set).
+Time histograms resolve 1 ms to 10 s.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+UNKNOWN_MODEL = "_unknown"
+MODEL_STATE_KEY = "diffad_model"  # set by /inspect in the request's state: the label of requests_total
+
+
+class ServiceMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self):
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)  # CPU seconds, resident memory, open files
+        r = self.registry
+        self.requests = Counter("diffad_requests", "Inspection requests answered, by HTTP status",
+                                ["model", "status"], registry=r)
+        self.request_duration = Histogram(
+            "diffad_request_duration_seconds", "Time from upload received to answer built (decode, queue, "
+            "inference, map encoding)", ["model"], buckets=TIME_BUCKETS, registry=r)
+        self.queue_duration = Histogram(
+            "diffad_queue_duration_seconds", "Time a request waited in its model's queue before its batch ran",
+            ["model"], buckets=TIME_BUCKETS, registry=r)
+        self.inference_duration = Histogram(
+            "diffad_inference_duration_seconds", "Backend time per batch", ["model"], buckets=TIME_BUCKETS,
+            registry=r)
+        self.batch_size = Histogram("diffad_batch_size", "Requests per batch run by the backend", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("diffad_queue_depth", "Requests waiting in the model's queue", ["model"],
+                                 registry=r)
+        self.model_ready = Gauge("diffad_model_ready", "1 once the model is loaded and warmed up, else 0",
+                                 ["model"], registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,45 @@
+"""Response bodies of the HTTP API (docs/DESIGN.md, section 3)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Timings(BaseModel):
+    queue: float = Field(description="ms waiting in the model's queue for a batch")
+    inference: float = Field(description="ms of backend time for the batch that held this image")
+    total: float = Field(description="ms from upload received to answer built")
+
+
+class InspectResponse(BaseModel):
+    model: str
+    image_score: float = Field(description="raw score: mean of the top-k anomaly-map values")
+    normalized_score: float | None = Field(
+        description="0..1 on the bundle's calibrated scale, 0.5 at its threshold; null if uncalibrated")
+    threshold: float | None = Field(description="the threshold applied: the query's, else the bundle's")
+    is_anomalous: bool | None = Field(description="image_score >= threshold; null without a threshold")
+    anomaly_map: str | None = Field(
+        None, description="base64 8-bit grayscale PNG (map x 255) at the image's own resolution; absent for "
+        "map=none")
+    width: int
+    height: int
+    timings_ms: Timings
+
+
+class ModelInfo(BaseModel):
+    name: str
+    input_size: int
+    channels: int
+    threshold: float | None
+    calibrated: bool
+    backend: str | None = Field(description="null while loading")
+    max_batch_size: int | None
+    state: str = Field(description="loading, ready, failed or stopped")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class Liveness(BaseModel):
+    status: str = "alive"

@@ -1,0 +1,91 @@
+"""Service settings: environment variables (prefix DIFFAD_), then a dotenv-style settings file, then defaults.
+
+The settings file is `.env` in the working directory, or the file named by DIFFAD_SETTINGS_FILE (which
+must then exist). `diffad serve` flags override both. Lists (DIFFAD_MODELS, DIFFAD_API_KEYS) are
+comma-separated or a JSON list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+SETTINGS_FILE_VARIABLE = "DIFFAD_SETTINGS_FILE"
+DEFAULT_SETTINGS_FILE = ".env"
+
+BackendChoice = Literal["auto", "onnxruntime", "tensorrt", "torch"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+def _split_list(value: Any) -> Any:
+    """'a,b' or '["a", "b"]' -> ['a', 'b']; anything else is left to pydantic."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DIFFAD_", env_file=DEFAULT_SETTINGS_FILE, extra="ignore",
+                                      validate_default=True)
+
+    models: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="model bundle folders to serve (comma-separated or JSON list)")
+    backend: BackendChoice = Field(
+        "auto", description="auto picks the fastest available: TensorRT engine > ONNX Runtime CUDA > CPU")
+    max_batch_size: int = Field(8, ge=1, le=1024, description="largest batch the dynamic batcher forms")
+    max_queue_delay_ms: float = Field(
+        5.0, ge=0, le=10_000, description="how long the oldest queued request may wait for a batch to fill")
+    max_queue_size: int = Field(256, ge=1, description="requests queued per model before answering 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 504")
+    max_upload_bytes: int = Field(20 * 2**20, ge=1, description="largest accepted upload (413 above)")
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, description="largest accepted width x height, checked before decoding (413 above)")
+    threads: int | None = Field(None, ge=1, description="intra-op threads of the backend (default: its own)")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="accepted X-API-Key values (comma-separated); empty: no auth")
+    engine_cache: Path | None = Field(
+        None, description="folder of TensorRT engines built for this GPU by `diffad engines`")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: LogLevel = "info"
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lowercase(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        if any(not k.get_secret_value().strip() for k in keys):
+            raise ValueError("API keys must not be empty strings")
+        return keys
+
+    @property
+    def max_queue_delay_s(self) -> float:
+        return self.max_queue_delay_ms / 1000.0
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment and the settings file; `overrides` (e.g. CLI flags) win over both.
+
+    Overrides that are None are ignored, so a CLI flag that was not given does not mask the environment.
+    """
+    settings_file = os.environ.get(SETTINGS_FILE_VARIABLE)
+    if settings_file and not Path(settings_file).is_file():
+        raise ValueError(f"{SETTINGS_FILE_VARIABLE}={settings_file!r}: no such file")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(_env_file=settings_file or DEFAULT_SETTINGS_FILE, **given)
