@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", nargs="+", default=["small"], choices=["tiny", "small", "paper"])
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS)
+    p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="image channels (default 3)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="eager only")
     for p in sub.choices.values():
         p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_onnxruntime(args.bundle, args.batch, args.seconds, args.threads)
     else:
         result = bench_torch(args.preset, args.batch, args.device, args.precision, args.seconds,
-                             not args.no_cuda_graphs)
+                             not args.no_cuda_graphs, args.channels)
     result = {"benchmark": "throughput", "machine": machine(), **result}
     text = json.dumps(result, indent=2)
     print(text)
