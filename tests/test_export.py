@@ -19,7 +19,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from torch import nn
+from tiny_models import perturbed_tiny_model
 
 from diffad.cli import main
 from diffad.export import exporter
@@ -56,9 +56,7 @@ from diffad.export.tensorrt_engine import (
     tensorrt_vs_onnx,
 )
 from diffad.models import checkpoint as ckpt
-from diffad.models.diffusionad import DiffusionAD
 from diffad.models.evaluation import CALIBRATION_FILE, Calibration
-from diffad.models.presets import preset
 
 CALIBRATION = Calibration(threshold=0.42, method="f1", score_min=0.1, score_max=0.9, num_images=12)
 TRAIN_SUMMARY = {"preset": "tiny", "steps": 3, "train_seconds": 1.5}
@@ -66,23 +64,10 @@ EVAL = {"image_auroc": 0.9, "pixel_auroc": 0.8}
 TENSORRT_MISSING = missing_for_tensorrt()
 
 
-def make_model(channels: int = 3, seed: int = 0) -> DiffusionAD:
-    torch.manual_seed(seed)
-    model = DiffusionAD(preset("tiny", in_channels=channels))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "weave"
-    ckpt.save_model(run / ckpt.MODEL_FILE, make_model())
+    ckpt.save_model(run / ckpt.MODEL_FILE, perturbed_tiny_model())
     (run / CALIBRATION_FILE).write_text(json.dumps(CALIBRATION.to_dict()))
     (run / "train_summary.json").write_text(json.dumps(TRAIN_SUMMARY))
     (run / "eval.json").write_text(json.dumps(EVAL))
@@ -278,7 +263,7 @@ def test_bundle_module_does_not_import_torch():
 def test_cli_export_end_to_end_without_calibration_or_tensorrt(tmp_path, capsys, caplog, monkeypatch):
     """An uncalibrated run, --tensorrt on a machine that cannot build engines: ONNX bundle, exit 0."""
     run = tmp_path / "plain_run"
-    ckpt.save_model(run / ckpt.MODEL_FILE, make_model(channels=1, seed=2))
+    ckpt.save_model(run / ckpt.MODEL_FILE, perturbed_tiny_model(channels=1, seed=2))
     monkeypatch.setattr(exporter, "missing_for_tensorrt", lambda: ["the tensorrt Python package"])
     out = tmp_path / "bundle"
     assert main(["export", str(run), "--out", str(out), "--tensorrt", "--fp16", "--max-batch", "4"]) == 0

@@ -20,19 +20,16 @@ import zlib
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from torch import nn
+from tiny_models import perturbed_tiny_model
 
 from diffad.export.bundle import BundleError, load_bundle, seal_bundle
 from diffad.export.exporter import export_bundle
 from diffad.export.parity import onnxruntime_runner
 from diffad.models import checkpoint as ckpt
 from diffad.models.data import to_mode
-from diffad.models.diffusionad import DiffusionAD
 from diffad.models.evaluation import CALIBRATION_FILE, Calibration
-from diffad.models.presets import preset
 from diffad.service.app import create_app
 from diffad.service.backends import open_backend
 from diffad.service.images import decode_image
@@ -51,17 +48,9 @@ def make_tiny_bundle(tmp_path_factory):
     out = tmp_path_factory.getbasetemp() / "service-bundles" / "weave"
     if (out / "bundle.json").is_file():
         return out
-    torch.manual_seed(0)
-    model = DiffusionAD(preset("tiny", in_channels=3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
+    model = perturbed_tiny_model(channels=3, seed=0)
     run = tmp_path_factory.mktemp("runs") / "weave"
-    ckpt.save_model(run / ckpt.MODEL_FILE, model.eval())
+    ckpt.save_model(run / ckpt.MODEL_FILE, model)
     (run / CALIBRATION_FILE).write_text(json.dumps(CALIBRATION.to_dict()))
     export_bundle(run, out)
     return out

@@ -1,0 +1,25 @@
+"""A tiny model whose maps are not trivial, shared by the tests that export or serve one."""
+
+import torch
+from torch import nn
+
+from diffad.models.diffusionad import DiffusionAD
+from diffad.models.presets import preset
+
+
+def perturbed_tiny_model(channels: int = 3, seed: int = 0) -> DiffusionAD:
+    """The tiny preset with weights and BatchNorm statistics moved off their initial values.
+
+    Fresh weights give near-constant maps (zero-initialised output layers), which would let a broken
+    export or a mixed-up batch pass unnoticed.
+    """
+    torch.manual_seed(seed)
+    model = DiffusionAD(preset("tiny", in_channels=channels))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
