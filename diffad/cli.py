@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="data-loading worker processes (default 1)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=250, help="steps between checkpoints")
     p.add_argument("--no-bf16", action="store_true", help="train in float32 (bf16 autocast is the default)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the networks train")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
 
     p = verbs.add_parser("evaluate", help="measure a model on a labelled test set and calibrate its threshold",
@@ -224,6 +225,20 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def _training_device(name: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available to this PyTorch ({torch.__version__})")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
+    return str(device)
+
+
 def _train(args) -> int:
     import dataclasses
 
@@ -236,7 +251,7 @@ def _train(args) -> int:
     cfg = TrainConfig(
         batch_size=args.batch_size, unet_lr=args.unet_lr or unet_lr, segmentation_lr=args.seg_lr or seg_lr,
         max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed, workers=args.workers,
-        checkpoint_every=args.checkpoint_every, bf16=not args.no_bf16,
+        checkpoint_every=args.checkpoint_every, bf16=not args.no_bf16, device=_training_device(args.device),
         synthesis=dataclasses.replace(SynthesisConfig(), foreground=args.foreground, texture_dir=args.texture_dir),
     )
     summary = train(args.data_dir, args.out, args.preset, args.image_size, args.channels, cfg, resume=args.resume)

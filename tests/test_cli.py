@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from diffad.cli import main
 from diffad.models.demo_data import make_category
@@ -51,3 +52,9 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert printed == written
     assert {"image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1_max"} <= written.keys()
     assert (run / "calibration.json").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_train_on_a_missing_gpu_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "run"), "--max-steps", "1", "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err

@@ -55,12 +55,13 @@ def count_gmac(model: DiffusionAD) -> dict[str, float]:
     a multiply-accumulate is two FLOPs. Normalisations and activations are not counted.
     """
     cfg = model.config
-    x = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size)
+    device = model.noise.device
+    x = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
     was_training = model.training
     model.eval()  # a forward pass in training mode would move BatchNorm's running statistics
     with torch.no_grad():
         with FlopCounterMode(display=False) as unet_counter:
-            model.unet(x, torch.zeros(1, dtype=torch.long))
+            model.unet(x, torch.zeros(1, dtype=torch.long, device=device))
         with FlopCounterMode(display=False) as seg_counter:
             model.segmentation(torch.cat([x, x], dim=1))
     model.train(was_training)

@@ -53,6 +53,7 @@ class TrainConfig:
     log_every: int = 10
     workers: int = 1
     bf16: bool = True
+    device: str = "cpu"    # "cuda" trains on the GPU; timesteps and noise are still drawn on the CPU (same run)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
 
 
@@ -107,14 +108,15 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torc
 def training_step(model: DiffusionAD, images: torch.Tensor, masks: torch.Tensor, has_anomaly: torch.Tensor,
                   cfg: TrainConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The joint loss for one batch; images in [0, 1], masks [N, 1, H, W] in {0, 1}."""
-    sched, n = model.schedule, images.shape[0]
+    sched, n, device = model.schedule, images.shape[0], images.device
     x = images * 2.0 - 1.0
-    t_s = torch.randint(*cfg.t_s_range, (n,), generator=generator)
-    t_l = torch.randint(*cfg.t_l_range, (n,), generator=generator)
+    # Drawn on the CPU from the step's generator, then moved: the same numbers on any device.
+    t_s = torch.randint(*cfg.t_s_range, (n,), generator=generator).to(device)
+    t_l = torch.randint(*cfg.t_l_range, (n,), generator=generator).to(device)
     t = torch.cat([t_s, t_l])
-    noise = torch.randn((2 * n, *x.shape[1:]), generator=generator)
+    noise = torch.randn((2 * n, *x.shape[1:]), generator=generator).to(device)
     x_t = sched.q_sample(torch.cat([x, x]), t, noise)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         eps = model.unet(x_t, t).float()
 
     # Noise loss on the clean images only: the UNet must learn what normal looks like.
@@ -125,7 +127,7 @@ def training_step(model: DiffusionAD, images: torch.Tensor, masks: torch.Tensor,
     x0_s = sched.predict_x0(x_t[:n], t_s, eps[:n])
     x0_l = sched.predict_x0(x_t[n:], t_l, eps[n:]).clamp(-1.0, 1.0)
     x0_g = sched.guided_x0(x0_s, x0_l, t_s, model.config.w)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         logits = model.segment(x, x0_g).float()
     focal = focal_loss(logits, masks, cfg.focal_gamma)
     smooth_l1 = F.smooth_l1_loss(torch.sigmoid(logits), masks)
@@ -176,7 +178,8 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
         data_dir, image_size or preset(preset_name).image_size, channels, cfg.synthesis.foreground)
     if state_path is None:
         model_config = preset(preset_name, image_size=images.shape[1], in_channels=channels)
-    model = DiffusionAD(model_config)
+    device = torch.device(cfg.device)
+    model = DiffusionAD(model_config).to(device)  # before the optimiser: a resumed state follows its parameters
     optimizer = make_optimizer(model, cfg)
     start_step = ckpt.load_training_state(state_path, model, optimizer) if state_path else 0
     if state_path:
@@ -214,7 +217,7 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
                 break
             # Seeded by step: a resumed run draws the same timesteps and noise.
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            out = training_step(model, images_b, masks_b, has_b, cfg, generator)
+            out = training_step(model, images_b.to(device), masks_b.to(device), has_b.to(device), cfg, generator)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             optimizer.step()
@@ -236,7 +239,7 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
 
     elapsed = time.monotonic() - started
     _save_checkpoint(run_dir, model, optimizer, step, cfg.keep_checkpoints)
-    model.eval()
+    model.eval().cpu()
     recent = history[-50:]
     summary = {
         "preset": model_config.name,
@@ -252,6 +255,7 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
         **{k: round(v, 3) for k, v in cost.items()},
         "torch": torch.__version__,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "device": str(device) if device.type == "cpu" else f"{device}: {torch.cuda.get_device_name(device)}",
     }
     ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, {"step": step, "training": json.dumps(summary)})
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
