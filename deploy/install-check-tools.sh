@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Installs what tests/test_deploy.py uses beyond the project's own packages (run by .ci/run and by
-# `make deploy-check`; about 15 s when nothing is installed yet, a second when everything is):
+# Installs what tests/test_deploy.py and tests/test_webpage.py use beyond the project's own packages (run
+# by .ci/run and by `make deploy-check`; about 30 s when nothing is installed yet, a second when everything is):
 #
 #   promtool, shellcheck      Debian packages prometheus and shellcheck (apt-get, as root only)
+#   chromium, chromedriver    Debian packages chromium and chromium-driver (apt-get, as root only): the web
+#                             page in a headless browser (tests/test_webpage.py)
 #   dockerfile-utils, dclint  npm packages, into $DIFFAD_DEPLOY_TOOLS (default ~/.cache/diffad-deploy-tools)
 #
-# PyYAML and jsonschema (the compose-file checks) are installed into the project's .venv as part of the dev extra (pyproject.toml).
+# PyYAML and jsonschema (the compose-file checks) and selenium (drives chromedriver) are installed into the
+# project's .venv as part of the dev extra (pyproject.toml).
 # Never fails: what cannot be installed is reported loudly, and the tests that need it skip with its name
-# (or fail, under DIFFAD_DEPLOY_STRICT=1).
+# (or, for the deployment tools, fail under DIFFAD_DEPLOY_STRICT=1).
 set -uo pipefail
 
 TOOLS_DIR=${DIFFAD_DEPLOY_TOOLS:-$HOME/.cache/diffad-deploy-tools}
@@ -25,6 +28,8 @@ warn() {
 apt_packages=()
 command -v promtool >/dev/null || apt_packages+=(prometheus)
 command -v shellcheck >/dev/null || apt_packages+=(shellcheck)
+command -v chromium >/dev/null || apt_packages+=(chromium)
+command -v chromedriver >/dev/null || apt_packages+=(chromium-driver)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "install-check-tools: apt-get install ${apt_packages[*]}"
@@ -45,6 +50,8 @@ if [ "${#apt_packages[@]}" -gt 0 ]; then
 fi
 command -v promtool >/dev/null || missing+=("promtool (Debian package prometheus)")
 command -v shellcheck >/dev/null || missing+=("shellcheck (Debian package shellcheck)")
+command -v chromium >/dev/null || missing+=("chromium (Debian package chromium)")
+command -v chromedriver >/dev/null || missing+=("chromedriver (Debian package chromium-driver)")
 
 # --- npm packages ------------------------------------------------------------------------------
 if command -v npm >/dev/null; then
@@ -63,7 +70,7 @@ fi
 [ -x "$TOOLS_DIR/node_modules/.bin/dclint" ] || missing+=("dclint (npm)")
 
 if [ "${#missing[@]}" -gt 0 ]; then
-    warn "missing: ${missing[*]}; the deployment tests that need them will be SKIPPED"
+    warn "missing: ${missing[*]}; the deployment and web page tests that need them will be SKIPPED"
     exit 0
 fi
-echo "install-check-tools: promtool, shellcheck, dockerfile-utils and dclint are installed"
+echo "install-check-tools: promtool, shellcheck, chromium, chromedriver, dockerfile-utils and dclint are installed"

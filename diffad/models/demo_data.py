@@ -83,3 +83,51 @@ def make_category(root: str | Path, size: int = 64, channels: int = 1, num_train
             save(root / "test" / kind, f"{i:03d}.png", image)
             save(root / "ground_truth" / kind, f"{i:03d}_mask.png", mask)
     return root
+
+
+def write_samples(out_dir: str | Path, size: int = 64, channels: int = 1, seed: int = 0,
+                  defect: str = "spot") -> list[Path]:
+    """Write OUT_DIR/sample_defect.png and OUT_DIR/sample_good.png: new parts, in no split of the category."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: these images are in no split
+    defective, _ = add_defect(good_texture(size, rng, channels), defect, rng)
+    samples = []
+    for name, array in (("sample_defect.png", defective), ("sample_good.png", good_texture(size, rng, channels))):
+        Image.fromarray(array).save(out_dir / name)
+        samples.append(out_dir / name)
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m diffad.models.demo_data",
+        description="Write a synthetic woven-texture category in MVTec AD layout (train/good, test/good, "
+        f"test/<defect>, ground_truth/<defect>; defects: {', '.join(DEFECT_TYPES)}), for `make demo` and for "
+        "trying the project without a dataset.")
+    parser.add_argument("out", metavar="CATEGORY_DIR", help="folder to write the category into")
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 or 3 (default 3)")
+    parser.add_argument("--num-train", type=int, default=60, help="good training images (default 60)")
+    parser.add_argument("--num-test-good", type=int, default=16, help="good test images (default 16)")
+    parser.add_argument("--num-test-defect", type=int, default=8, help="test images per defect type (default 8)")
+    parser.add_argument("--num-validation", type=int, default=0, help="good validation images (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="default 0")
+    parser.add_argument("--samples", metavar="DIR",
+                        help="also write two new parts, in no split of the category, to try a model with: "
+                        "DIR/sample_defect.png (a spot) and DIR/sample_good.png")
+    args = parser.parse_args(argv)
+    root = make_category(args.out, size=args.size, channels=args.channels, num_train=args.num_train,
+                         num_test_good=args.num_test_good, num_test_defect=args.num_test_defect,
+                         num_validation=args.num_validation, seed=args.seed)
+    print(f"wrote {root}")
+    if args.samples:
+        for path in write_samples(args.samples, args.size, args.channels, args.seed):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
