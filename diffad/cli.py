@@ -155,7 +155,7 @@ uses ONNX Runtime); 1 a build or parity check failed; 2 bad arguments or a broke
 
 
 def _add_service_verbs(verbs) -> None:
-    """`serve`, `engines` and `bench load`: the inspection service and its engines and load test."""
+    """`serve`, `engines` and `bench load|quality|speed`: the service, its engines and the benchmarks."""
     p = verbs.add_parser("serve", help="serve model bundles over HTTP (POST /inspect)",
                          description="Serve one or more model bundles: dynamic batching per model, Prometheus "
                          "metrics, readiness after warm-up, graceful shutdown on SIGTERM.", epilog=SERVE_EPILOG,
@@ -196,6 +196,22 @@ def _add_service_verbs(verbs) -> None:
         description="Start `diffad serve` on the bundle (once with dynamic batching, once without) and drive "
         "it with concurrent HTTP clients from this process; report throughput and latency percentiles next "
         "to the bare backend's throughput at the same batch sizes."))
+    from .benchmarks.quality import add_arguments as add_quality_arguments
+
+    add_quality_arguments(benches.add_parser(
+        "quality", help="train, evaluate and record each category (one JSON per category in --out-dir)",
+        description="For each MVTec-layout DATASET: train with the preset and time budget into "
+        "RUNS_DIR/<dataset>_<preset>, evaluate on its test set (which calibrates the threshold) and write "
+        "OUT_DIR/<dataset>_<preset>.json, the format `bench/render_results.py table` puts in the README; "
+        "print every record and the Markdown table as one JSON object."))
+    from .benchmarks.speed import add_arguments as add_speed_arguments
+
+    add_speed_arguments(benches.add_parser(
+        "speed", help="one-step vs DDIM vs ancestral, ONNX Runtime vs PyTorch, FLOP/s, service memory",
+        description="In one process, on the same model and images: (a) time per image and detection metrics of "
+        "one-step, DDIM (10, 50 steps) and ancestral reconstruction on a stratified test subset; (b) ONNX "
+        "Runtime against PyTorch eager images/s; (c) achieved FLOP/s against a measured float32 matrix "
+        "product; (d) peak resident memory of `diffad serve` with this model."))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,9 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "engines":
             return _engines(args)
         if args.verb == "bench":
-            from .benchmarks.load import run as run_load_benchmark
+            import shlex
 
-            return run_load_benchmark(args)
+            from .benchmarks import load, quality, speed
+
+            args.command = shlex.join(["diffad", *(sys.argv[1:] if argv is None else argv)])  # for the records
+            return {"load": load.run, "quality": quality.run, "speed": speed.run}[args.bench](args)
     except ValueError as e:  # DataError, CheckpointError, BundleError and bad settings are ValueErrors
         print(f"diffad {args.verb}: error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,15 +48,49 @@ class Calibration:
                 "normalization": "clip(0.5 + (score - threshold) / (score_max - score_min), 0, 1)"}
 
 
+Reconstruction = Callable[[torch.Tensor], torch.Tensor]
+
+
+def reconstruction_method(model: DiffusionAD, method: str, steps: int | None = None) -> Reconstruction | None:
+    """A reconstruction of x in [-1, 1] by name: "one-step" (None: the model's own forward, norm-guided),
+    "ddim" (DDIM from t_s in `steps` UNet passes) or "ancestral" (DDPM from t_s, t_s + 1 passes)."""
+    if method == "one-step":
+        return None
+    if method == "ddim":
+        if not steps or steps < 1:
+            raise ValueError(f"DDIM needs a positive number of steps, got {steps}")
+        return lambda x: model.reconstruct_ddim(x, steps)
+    if method == "ancestral":
+        return model.reconstruct_ancestral
+    raise ValueError(f"unknown reconstruction {method!r}: use one-step, ddim or ancestral")
+
+
+def pipeline(model: DiffusionAD, images: torch.Tensor, reconstruct: Reconstruction | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DiffusionAD.forward with another reconstruction: the same segmentation, sigmoid and top-k score.
+
+    images [N, C, H, W] in [0, 1]; reconstruct maps x in [-1, 1] to its reconstruction in [-1, 1]
+    (None: the norm-guided one-step rule, i.e. exactly model(images)).
+    """
+    if reconstruct is None:
+        return model(images)
+    x = images * 2.0 - 1.0
+    anomaly_map = torch.sigmoid(model.segment(x, reconstruct(x)))
+    return anomaly_map, model.score(anomaly_map)
+
+
 @torch.inference_mode()
 def predict(model: DiffusionAD, images: np.ndarray, batch_size: int = 8, desc: str = "inference",
-            progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """images [N, H, W, C] in [0, 1] -> maps [N, H, W] and scores [N] (one-step norm-guided)."""
+            progress: bool = True, reconstruct: Reconstruction | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """images [N, H, W, C] in [0, 1] -> maps [N, H, W] and scores [N].
+
+    One-step norm-guided by default; `reconstruct` swaps in another reconstruction (see `pipeline`).
+    """
     model.eval()
     maps, scores = [], []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
         batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size].transpose(0, 3, 1, 2)))
-        anomaly_map, score = model(batch)
+        anomaly_map, score = pipeline(model, batch, reconstruct)
         maps.append(anomaly_map[:, 0].numpy())
         scores.append(score.numpy())
     return np.concatenate(maps), np.concatenate(scores)

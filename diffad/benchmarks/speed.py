@@ -1,0 +1,423 @@
+"""`diffad bench speed`: one model, one process, the same images: what each way of running it costs.
+
+Four sections, measured one after another in this process (so their ratios mean something on a noisy
+machine), printed as one JSON object on stdout; progress goes to stderr:
+
+  reconstruction  norm-guided one-step (the model's forward), DDIM from t_s in 10 and 50 steps and full
+                  DDPM ancestral denoising from t_s (t_s + 1 UNet passes), each followed by the same
+                  segmentation and top-k score: seconds per image, slowdown against one-step, and the
+                  detection metrics on a stratified subset of the test set (--limit images, good and
+                  defective in the test set's proportions)
+  backends        ONNX Runtime (the bundle's model.onnx) against PyTorch eager at each --batch: images/s
+                  and their ratio, with the largest difference between the two on the same images
+  compute         achieved FLOP/s of each backend at the largest --batch (2 x the counted MACs per image x
+                  images/s) against this machine's float32 matrix-product FLOP/s (numpy and torch, best of
+                  a few, measured here)
+  service         peak resident memory (VmHWM) of `diffad serve` with this one model loaded, after a few
+                  requests: the process and any children, from /proc
+
+RUN_DIR_OR_BUNDLE is a bundle (`diffad export`), a training run folder or a model file; a run is exported
+to a temporary bundle first (the ONNX graph and its parity checks, as `diffad export` does).
+
+    diffad bench speed bundles/dagm_small ../shared/datasets/dagm_class1 --limit 20 --batch 1 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import logging
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("diffad.bench.speed")
+
+DETECTION_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1_max")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="RUN_DIR_OR_BUNDLE", help="a bundle folder, a training run folder or a model file")
+    p.add_argument("data_dir", metavar="DATA_DIR", help="MVTec-layout category with test/ and ground_truth/")
+    p.add_argument("--limit", type=int, default=20,
+                   help="test images for the reconstruction comparison, stratified (good and defective in the "
+                   "test set's proportions, at least one of each); 0 = all (default 20: ancestral denoising "
+                   "is about 100x slower than one-step)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="backend batch sizes (default 1 8)")
+    p.add_argument("--recon-batch", type=int, default=8, help="batch size of the reconstruction comparison (default 8)")
+    p.add_argument("--ddim-steps", type=int, nargs="+", default=[10, 50], help="DDIM step counts (default 10 50)")
+    p.add_argument("--seconds", type=float, default=5.0,
+                   help="time measured per backend and batch size; also the least time over which the fast "
+                   "reconstructions are repeated (default 5)")
+    p.add_argument("--threads", type=int, help="intra-op threads for PyTorch and ONNX Runtime (default: all cores)")
+    p.add_argument("--matmul-size", type=int, default=2048, help="side of the float32 matrix product (default 2048)")
+    p.add_argument("--matmul-repeats", type=int, default=5, help="best of this many products (default 5)")
+    p.add_argument("--service-backend", default="onnxruntime", choices=("auto", "onnxruntime", "tensorrt", "torch"),
+                   help="backend of the served model in the memory measurement (default onnxruntime)")
+    p.add_argument("--service-requests", type=int, default=16, help="requests sent before reading memory (default 16)")
+    p.add_argument("--no-service", action="store_true", help="skip the service memory measurement")
+    p.add_argument("--json", metavar="FILE", help="also write the result to FILE")
+
+
+# --- the model and the images ----------------------------------------------------------------------
+def stratified(samples: list, limit: int | None) -> list:
+    """At most `limit` samples, good and defective in the set's proportions (at least one of each), evenly
+    spread over each class (so every defect type of a sorted list gets its share). limit 0/None: all."""
+    if not limit or limit >= len(samples):
+        return list(samples)
+    if limit < 2:
+        raise ValueError(f"--limit must be 0 (all) or at least 2 (one good, one defective), got {limit}")
+    good = [s for s in samples if s.label == 0]
+    bad = [s for s in samples if s.label == 1]
+    n_bad = min(len(bad), max(1, round(limit * len(bad) / len(samples))))
+    n_good = min(len(good), limit - n_bad)
+    n_bad = min(len(bad), limit - n_good)
+
+    def spread(items: list, n: int) -> list:
+        return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)] if n else []
+
+    return spread(good, n_good) + spread(bad, n_bad)
+
+
+class ModelSource:
+    """The torch model and a bundle for it: the given bundle, or a temporary export of the given run."""
+
+    def __init__(self, path: str | Path):
+        from ..export.bundle import MANIFEST_FILE, WEIGHTS_FILE, load_bundle
+        from ..models import checkpoint as ckpt
+
+        self.path = Path(path)
+        self._tmp = None
+        if (self.path / MANIFEST_FILE).is_file():
+            self.kind = "bundle"
+            self.bundle = load_bundle(self.path)  # verifies every file's hash
+            self.model = ckpt.load_model(self.path / WEIGHTS_FILE)
+            return
+        from ..export.exporter import ExportOptions, export_bundle
+
+        self.model = ckpt.load_model(self.path)  # CheckpointError names the file when it is missing or broken
+        self._tmp = Path(tempfile.mkdtemp(prefix="diffad-speed-"))
+        if self.path.is_file():  # a model file: a run folder around it
+            self.kind = "model file"
+            run_dir = self._tmp / "run"
+            run_dir.mkdir()
+            shutil.copyfile(self.path, run_dir / ckpt.MODEL_FILE)
+        else:
+            self.kind = "run"
+            run_dir = self.path
+        log.info("exporting %s to a temporary bundle (ONNX graph and parity checks)", self.path)
+        name = self.path.stem if self.path.is_file() else self.path.resolve().name
+        export_bundle(run_dir, self._tmp / "bundle", ExportOptions(name=name))
+        self.bundle = load_bundle(self._tmp / "bundle")
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def load_test_images(data_dir: str | Path, size: int, channels: int, limit: int | None):
+    """(samples used, images [N, H, W, C] float32 0..1, masks [N, H, W], labels [N], total test images)."""
+    from ..models.data import find_test_samples, read_image, read_mask
+
+    samples = find_test_samples(data_dir)
+    chosen = stratified(samples, limit)
+    images = np.stack([read_image(s.path, size, channels) for s in chosen])
+    masks = np.stack([read_mask(s.mask_path, size) if s.mask_path else np.zeros((size, size), np.float32)
+                      for s in chosen])
+    labels = np.array([s.label for s in chosen])
+    return chosen, images, masks, labels, len(samples)
+
+
+def as_uint8_nchw(images: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray((np.clip(images, 0, 1) * 255).round().astype(np.uint8).transpose(0, 3, 1, 2))
+
+
+def tile_batch(images: np.ndarray, batch: int) -> np.ndarray:
+    """`batch` images taken in turn from `images` (repeated when there are fewer)."""
+    return np.ascontiguousarray(images[np.arange(batch) % len(images)])
+
+
+# --- (a) reconstruction methods ---------------------------------------------------------------------
+def compare_reconstructions(model, images: np.ndarray, masks: np.ndarray, labels: np.ndarray, batch_size: int,
+                            ddim_steps: list[int], min_seconds: float) -> dict:
+    import torch
+
+    from ..models.evaluation import pipeline, predict, reconstruction_method
+    from ..models.metrics import compute_metrics
+    from .throughput import time_batches
+
+    cfg = model.config
+    methods = [("one-step", None, 2)]
+    methods += [(f"ddim-{k}", ("ddim", k), len(model.schedule.ddim_timesteps(cfg.t_s, k))) for k in ddim_steps]
+    methods += [("ancestral", ("ancestral", None), cfg.t_s + 1)]
+    # Warm-up, not timed: first calls at a new input shape allocate and choose kernels. Every shape the
+    # timed runs meet: full and last batches, through the UNet at n (iterative) and 2n (one-step) images.
+    with torch.inference_mode():
+        for n in sorted({min(batch_size, len(images)), len(images) % batch_size} - {0}):
+            batch = torch.from_numpy(np.ascontiguousarray(images[:n].transpose(0, 3, 1, 2)))
+            model(batch)
+            pipeline(model, batch, reconstruction_method(model, "ddim", 1))
+    rows = []
+    for name, spec, passes in methods:
+        reconstruct = reconstruction_method(model, *spec) if spec else None
+        outputs = []
+
+        def one_pass(name=name, reconstruct=reconstruct, outputs=outputs):  # the whole subset, progress once
+            outputs.append(predict(model, images, batch_size, desc=name, progress=not outputs,
+                                   reconstruct=reconstruct))
+
+        # once over the subset, repeated while under min_seconds (the fast methods); warmed up above
+        times = time_batches(one_pass, min_seconds, min_iterations=1, warmup=0)
+        maps, scores = outputs[0]
+        metrics = compute_metrics(labels, scores, masks, maps)
+        row = {"method": name, "unet_passes_per_image": passes, "repeats": len(times),
+               "seconds_per_image": sum(times) / (len(times) * len(images)),
+               **{k: round(float(metrics[k]), 4) for k in DETECTION_METRICS},
+               "score_mean_good": round(float(scores[labels == 0].mean()), 5),
+               "score_mean_defective": round(float(scores[labels == 1].mean()), 5)}
+        rows.append(row)
+        log.info("%s: %.4f s/image, image AUROC %.3f, pixel AUROC %.3f", name, row["seconds_per_image"],
+                 row["image_auroc"], row["pixel_auroc"])
+    base = rows[0]["seconds_per_image"]
+    for row in rows:
+        row["slowdown_vs_one_step"] = round(row["seconds_per_image"] / base, 2)
+        row["seconds_per_image"] = round(row["seconds_per_image"], 6)
+    return {"batch_size": batch_size, "t_s": cfg.t_s, "t_l": cfg.t_l,
+            "note": "one-step = two UNet passes as one batched call (t_s and t_l), the norm-guided blend; DDIM "
+                    "(eta 0) and ancestral start from the image noised at t_s with the model's fixed noise; "
+                    "ancestral draws seeded step noise; all use the same segmentation and top-k score",
+            "methods": rows}
+
+
+# --- (b) ONNX Runtime against PyTorch eager ---------------------------------------------------------
+def compare_backends(model, bundle, images_uint8: np.ndarray, batches: list[int], seconds: float,
+                     threads: int | None) -> dict:
+    import torch
+
+    from ..export.onnx_export import InferenceGraph
+    from ..export.parity import as_graph_input
+    from .throughput import onnxruntime_session, summarise, time_batches
+
+    spec = bundle.input
+    session = onnxruntime_session(bundle.onnx_path, threads)
+    graph = InferenceGraph(model, spec.dtype).eval()
+    rows, ratios, diffs = [], {}, {}
+    for batch in batches:
+        images = as_graph_input(tile_batch(images_uint8, batch), spec.dtype)
+        tensor = torch.from_numpy(images)
+
+        def run_torch(tensor=tensor):
+            with torch.inference_mode():
+                return graph(tensor)
+
+        def run_ort(images=images):
+            return session.run(None, {spec.name: images})
+
+        ort_maps, ort_scores = run_ort()
+        torch_maps, torch_scores = (t.numpy() for t in run_torch())
+        diffs[str(batch)] = {"map": float(np.abs(ort_maps - torch_maps).max()),
+                             "score": float(np.abs(ort_scores - torch_scores).max())}
+        by_backend = {}
+        for backend, fn in (("onnxruntime-cpu", run_ort), ("torch-cpu-eager", run_torch)):
+            row = {"backend": backend, **summarise(time_batches(fn, seconds), batch)}
+            rows.append(row)
+            by_backend[backend] = row["images_per_s"]
+            log.info("%s batch %d: %.2f images/s", backend, batch, row["images_per_s"])
+        ratios[str(batch)] = round(by_backend["onnxruntime-cpu"] / by_backend["torch-cpu-eager"], 3)
+    return {"input_dtype": spec.dtype, "threads": threads or os.cpu_count(), "seconds_per_configuration": seconds,
+            "results": rows, "onnxruntime_over_torch": ratios, "max_abs_diff_onnxruntime_vs_torch": diffs}
+
+
+# --- (c) achieved FLOP/s against a matrix product ---------------------------------------------------
+def matmul_flops(size: int, repeats: int) -> dict:
+    """float32 size x size matrix product FLOP/s (2 n^3 per product), best of `repeats`, numpy and torch."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    out = {"size": size, "repeats": repeats}
+    for name, fn in (("numpy", lambda: a @ b), ("torch", lambda: torch.mm(ta, tb))):
+        fn()  # warm-up
+        best = min(_timed(fn) for _ in range(max(1, repeats)))
+        out[f"{name}_gflops"] = round(2 * size**3 / best / 1e9, 2)
+    out["peak_gflops"] = max(out["numpy_gflops"], out["torch_gflops"])
+    out["numpy_blas"] = _numpy_blas()
+    return out
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def _numpy_blas() -> str | None:
+    try:
+        config = np.show_config(mode="dicts")
+        return config["Build Dependencies"]["blas"]["name"]
+    except Exception:  # the layout of numpy's build information is not a stable interface
+        return None
+
+
+def achieved_compute(model, backends: dict, batch: int, matmul: dict) -> dict:
+    from ..models.presets import count_gmac
+
+    gmac = count_gmac(model)
+    flops_per_image = 2e9 * gmac["pipeline"]
+    rows = []
+    for row in backends["results"]:
+        if row["batch"] != batch:
+            continue
+        achieved = flops_per_image * row["images_per_s"] / 1e9
+        rows.append({"backend": row["backend"], "batch": batch, "images_per_s": row["images_per_s"],
+                     "achieved_gflops": round(achieved, 2),
+                     "fraction_of_peak": round(achieved / matmul["peak_gflops"], 4)})
+    return {"gmac_per_image": {k: round(v, 4) for k, v in gmac.items()},
+            "flop_count": "2 x the multiply-accumulates torch's FLOP counter sees (convolutions, matrix products, "
+                          "attention) for two UNet passes + segmentation; normalisations and activations excluded",
+            "matmul": matmul, "backends": rows}
+
+
+# --- (d) the service's resident memory --------------------------------------------------------------
+def proc_memory(pid: int) -> dict | None:
+    """VmHWM (peak resident) and VmRSS of a process, MiB, from /proc (None where unreadable)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmHWM", "VmRSS", "Name"):
+            values[key] = rest.strip()
+    if "VmHWM" not in values:
+        return None
+    mib = {k: round(int(values[k].split()[0]) / 1024, 1) for k in ("VmHWM", "VmRSS")}
+    return {"pid": pid, "name": values.get("Name"), "vm_hwm_mib": mib["VmHWM"], "vm_rss_mib": mib["VmRSS"]}
+
+
+def descendants(pid: int) -> list[int]:
+    """Every child, grandchild, ... of pid (Linux /proc/<pid>/task/<tid>/children)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def service_memory(bundle, backend: str, requests: int, payload: bytes, threads: int | None,
+                   max_batch_size: int) -> dict:
+    from .load import ServerProcess, drive
+
+    started = time.perf_counter()
+    with ServerProcess(str(bundle.path), backend, max_batch_size, 5.0, 4, threads) as server:
+        ready_s = time.perf_counter() - started
+        pid = server.process.pid
+        idle = proc_memory(pid)
+        load = asyncio.run(drive(server.url, payload, concurrency=min(4, requests), seconds=0.0,
+                                 requests=requests, map_format="png", warmup_requests=0))
+        main = proc_memory(pid)
+        children = [m for m in (proc_memory(c) for c in descendants(pid)) if m]
+        server_backend = server.backend
+    if main is None:
+        return {"error": f"/proc/{pid}/status unreadable (not Linux?)", "backend": server_backend}
+    processes = [main, *children]
+    return {"backend": server_backend, "command": shlex.join(server.command), "seconds_to_ready": round(ready_s, 2),
+            "requests": load["requests"], "ok": load["ok"], "statuses": load["statuses"],
+            "idle_after_warmup_vm_rss_mib": idle["vm_rss_mib"] if idle else None,
+            "vm_hwm_mib": main["vm_hwm_mib"], "vm_rss_mib": main["vm_rss_mib"],
+            "children": children,
+            "total_vm_hwm_mib": round(sum(p["vm_hwm_mib"] for p in processes), 1),
+            "model_onnx_mib": round(bundle.onnx_path.stat().st_size / 2**20, 2)}
+
+
+def png_bytes(image_uint8_chw: np.ndarray) -> bytes:
+    from PIL import Image
+
+    pixels = image_uint8_chw[0] if image_uint8_chw.shape[0] == 1 else image_uint8_chw.transpose(1, 2, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+# --- the command -------------------------------------------------------------------------------------
+def run(args) -> int:
+    import torch
+
+    from ..models.presets import count_parameters
+    from .throughput import machine
+
+    batches = sorted(set(args.batch))
+    if min(batches) < 1 or args.recon_batch < 1 or min(args.ddim_steps) < 1:
+        raise ValueError("--batch, --recon-batch and --ddim-steps must be positive")
+    if args.limit < 0 or args.limit == 1:
+        raise ValueError(f"--limit must be 0 (all) or at least 2 (one good, one defective), got {args.limit}")
+    if args.seconds < 0 or args.matmul_size < 1 or args.service_requests < 1:
+        raise ValueError("--seconds must be 0 or more, --matmul-size and --service-requests positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress
+    command = getattr(args, "command", None) or shlex.join(["diffad", "bench", "speed", args.model, args.data_dir])
+    source = ModelSource(args.model)
+    try:
+        model, bundle = source.model.eval(), source.bundle
+        cfg = model.config
+        chosen, images, masks, labels, total = load_test_images(args.data_dir, cfg.image_size, cfg.in_channels,
+                                                                args.limit)
+        log.info("%d of %d test images (%d good, %d defective); %s %s, %d px, %d channel(s)", len(chosen), total,
+                 int((labels == 0).sum()), int(labels.sum()), source.kind, args.model, cfg.image_size,
+                 cfg.in_channels)
+        out = {
+            "benchmark": "speed",
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": command,
+            "machine": machine(),
+            "model": {"source": str(args.model), "kind": source.kind, "name": bundle.name, "preset": cfg.name,
+                      "image_size": cfg.image_size, "channels": cfg.in_channels, "t_s": cfg.t_s, "t_l": cfg.t_l,
+                      "unet_params_m": round(count_parameters(model.unet) / 1e6, 3),
+                      "segmentation_params_m": round(count_parameters(model.segmentation) / 1e6, 3)},
+            "data": {"data_dir": str(args.data_dir), "test_images": total, "used": len(chosen),
+                     "good": int((labels == 0).sum()), "defective": int(labels.sum()),
+                     "defect_types": sorted({s.defect_type for s in chosen} - {"good"}), "limit": args.limit},
+        }
+        log.info("(a) reconstruction methods on %d images", len(chosen))
+        out["reconstruction"] = compare_reconstructions(model, images, masks, labels, args.recon_batch,
+                                                        args.ddim_steps, args.seconds)
+        uint8 = as_uint8_nchw(images)
+        log.info("(b) ONNX Runtime against PyTorch eager at batch %s", ", ".join(map(str, batches)))
+        out["backends"] = compare_backends(model, bundle, uint8, batches, args.seconds, args.threads)
+        log.info("(c) float32 matrix product, %d x %d", args.matmul_size, args.matmul_size)
+        out["compute"] = achieved_compute(model, out["backends"], batches[-1],
+                                          matmul_flops(args.matmul_size, args.matmul_repeats))
+        if args.no_service:
+            out["service"] = None
+        else:
+            log.info("(d) memory of `diffad serve` with this model (%s backend)", args.service_backend)
+            defective = int(np.flatnonzero(labels == 1)[0])
+            out["service"] = service_memory(bundle, args.service_backend, args.service_requests,
+                                            png_bytes(uint8[defective]), args.threads, max(batches))
+    finally:
+        source.close()
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    return 0

@@ -1,0 +1,245 @@
+"""`diffad bench speed` and `diffad bench quality` on a tiny model and a small generated category.
+
+Iterations are kept low through the commands' own options (short timings, a small matrix product, a
+few images), so the whole module takes seconds; the figures are checked for sense, not for speed. The
+speed benchmark runs on the tiny bundle the service tests share (one ONNX export per test session).
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_service import make_tiny_bundle
+from tiny_models import perturbed_tiny_model
+
+from diffad.benchmarks.quality import METRICS, markdown_table
+from diffad.benchmarks.speed import ModelSource, descendants, proc_memory, stratified
+from diffad.cli import main
+from diffad.export import exporter
+from diffad.models import checkpoint as ckpt
+from diffad.models.data import TestSample as Sample
+from diffad.models.demo_data import make_category
+from diffad.models.evaluation import pipeline, predict, reconstruction_method
+from diffad.models.presets import count_gmac
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST_SPEED = ["--limit", "4", "--recon-batch", "8", "--ddim-steps", "2", "5", "--seconds", "0.05",
+              "--matmul-size", "128", "--matmul-repeats", "2", "--service-requests", "3"]
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory):
+    return make_category(tmp_path_factory.mktemp("data") / "weave", size=32, channels=1, num_train=8,
+                         num_test_good=5, num_test_defect=2)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    return make_tiny_bundle(tmp_path_factory)  # 3 channels, 32 px; grey test images are read as RGB
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "weave"
+    ckpt.save_model(run / ckpt.MODEL_FILE, perturbed_tiny_model(channels=1))
+    return run
+
+
+def render_results_module():
+    spec = importlib.util.spec_from_file_location("render_results", ROOT / "bench" / "render_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- building blocks ---------------------------------------------------------------------------------
+def test_pipeline_with_the_one_step_reconstruction_is_the_forward(run_dir):
+    model = ckpt.load_model(run_dir)
+    images = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = model(images)
+        for got in (pipeline(model, images), pipeline(model, images, model.reconstruct)):
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        ddim = pipeline(model, images, reconstruction_method(model, "ddim", 3))
+    assert not torch.allclose(ddim[0], expected[0])  # another reconstruction, another map
+    assert torch.equal(ddim[1], model.score(ddim[0]))  # scored by the same top-k rule
+    maps, scores = predict(model, images.numpy().transpose(0, 2, 3, 1), batch_size=2, progress=False,
+                           reconstruct=reconstruction_method(model, "ddim", 3))
+    np.testing.assert_allclose(scores, ddim[1].numpy(), atol=1e-6)
+    assert maps.shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="unknown reconstruction"):
+        reconstruction_method(model, "ddpm")
+
+
+def test_stratified_keeps_both_classes_and_spreads_over_defects():
+    samples = ([Sample(Path(f"g{i}"), 0, "good", None) for i in range(30)]
+               + [Sample(Path(f"{kind}{i}"), 1, kind, Path("m")) for kind in ("a", "b", "c") for i in range(10)])
+    chosen = stratified(samples, 12)
+    assert len(chosen) == 12 and len({s.path for s in chosen}) == 12
+    assert sum(s.label for s in chosen) == 6  # the set's proportions: half defective
+    assert {s.defect_type for s in chosen} == {"good", "a", "b", "c"}
+    few = stratified(samples[:30] + samples[30:31], 5)  # one defective image in all: it is kept
+    assert sum(s.label for s in few) == 1 and len(few) == 5
+    assert stratified(samples, 0) == samples and stratified(samples, 500) == samples
+    with pytest.raises(ValueError, match="at least 2"):
+        stratified(samples, 1)
+
+
+def test_proc_memory_and_descendants():
+    mine = proc_memory(os.getpid())
+    if mine is None:
+        pytest.skip("no /proc here")
+    assert mine["vm_hwm_mib"] >= mine["vm_rss_mib"] > 10  # a Python process with torch loaded
+    # a child that starts a grandchild: both are found
+    child = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
+    try:
+        deadline = time.monotonic() + 5
+        while len(descendants(os.getpid())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        found = descendants(os.getpid())
+        assert child.pid in found and len(found) >= 2
+        assert proc_memory(child.pid)["vm_rss_mib"] > 0
+    finally:
+        for pid in descendants(child.pid):
+            os.kill(pid, signal.SIGTERM)
+        child.wait(timeout=10)
+
+
+# --- bench speed -------------------------------------------------------------------------------------
+def test_bench_speed_on_a_tiny_bundle(bundle_dir, category, tmp_path, capsys):
+    out_file = tmp_path / "speed.json"
+    assert main(["bench", "speed", str(bundle_dir), str(category), *FAST_SPEED, "--json", str(out_file)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert json.loads(out_file.read_text()) == result
+    assert result["benchmark"] == "speed" and result["model"]["kind"] == "bundle"
+    assert result["model"]["channels"] == 3 and result["model"]["preset"] == "tiny"
+    assert result["command"].startswith("diffad bench speed ") and "--limit 4" in result["command"]
+    data = result["data"]
+    assert data["used"] == 4 and data["good"] == data["defective"] == 2 and data["test_images"] == 11
+
+    # (a) reconstruction methods
+    methods = {m["method"]: m for m in result["reconstruction"]["methods"]}
+    assert list(methods) == ["one-step", "ddim-2", "ddim-5", "ancestral"]
+    assert [m["unet_passes_per_image"] for m in methods.values()] == [2, 2, 5, 201]
+    for m in methods.values():
+        assert m["seconds_per_image"] > 0
+        for name in METRICS:
+            assert 0.0 <= m[name] <= 1.0, (m["method"], name)
+    assert methods["one-step"]["slowdown_vs_one_step"] == 1.0
+    # 201 sequential UNet passes against 2 batched ones: far slower, whatever the machine's load
+    assert methods["ancestral"]["seconds_per_image"] > 5 * methods["one-step"]["seconds_per_image"]
+    assert methods["ancestral"]["slowdown_vs_one_step"] > methods["ddim-5"]["slowdown_vs_one_step"]
+
+    # (b) ONNX Runtime against PyTorch: both backends at both batch sizes, computing the same thing
+    rows = result["backends"]["results"]
+    assert sorted((r["backend"], r["batch"]) for r in rows) == [
+        ("onnxruntime-cpu", 1), ("onnxruntime-cpu", 8), ("torch-cpu-eager", 1), ("torch-cpu-eager", 8)]
+    assert all(r["images_per_s"] > 0 and r["iterations"] >= 5 for r in rows)
+    by = {(r["backend"], r["batch"]): r["images_per_s"] for r in rows}
+    assert result["backends"]["onnxruntime_over_torch"]["8"] == pytest.approx(
+        by["onnxruntime-cpu", 8] / by["torch-cpu-eager", 8], rel=1e-2)
+    for diff in result["backends"]["max_abs_diff_onnxruntime_vs_torch"].values():
+        assert diff["map"] < 1e-4 and diff["score"] < 1e-5
+
+    # (c) achieved FLOP/s against the measured matrix product
+    compute = result["compute"]
+    gmac = count_gmac(ckpt.load_model(bundle_dir / "model.safetensors"))["pipeline"]
+    assert compute["gmac_per_image"]["pipeline"] == pytest.approx(gmac, abs=1e-4)
+    matmul = compute["matmul"]
+    assert matmul["size"] == 128 and matmul["peak_gflops"] == max(matmul["numpy_gflops"], matmul["torch_gflops"]) > 0
+    assert {r["backend"] for r in compute["backends"]} == {"onnxruntime-cpu", "torch-cpu-eager"}
+    for r in compute["backends"]:
+        assert r["batch"] == 8
+        assert r["achieved_gflops"] == pytest.approx(2 * gmac * r["images_per_s"], rel=1e-2)
+        assert r["fraction_of_peak"] == pytest.approx(r["achieved_gflops"] / matmul["peak_gflops"], rel=1e-2)
+
+    # (d) the service's memory, with every request answered
+    service = result["service"]
+    assert service["ok"] == service["requests"] == 3 and service["statuses"] == {"200": 3}
+    assert service["backend"] == "onnxruntime-cpu"
+    assert service["vm_hwm_mib"] >= service["vm_rss_mib"] > 20
+    assert service["total_vm_hwm_mib"] >= service["vm_hwm_mib"]
+
+
+def test_bench_speed_refuses_bad_options(run_dir, category, capsys):
+    assert main(["bench", "speed", str(run_dir), str(category), "--limit", "1"]) == 2
+    assert "--limit" in capsys.readouterr().err
+    assert main(["bench", "speed", str(run_dir / "missing"), str(category)]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_a_run_or_a_model_file_is_exported_to_a_temporary_bundle(run_dir, bundle_dir, monkeypatch):
+    exported = []
+
+    def fake_export(source, out_dir, options):  # the real export is tested in test_export.py
+        exported.append((Path(source), options.name, sorted(p.name for p in Path(source).iterdir())))
+        shutil.copytree(bundle_dir, out_dir)
+
+    monkeypatch.setattr(exporter, "export_bundle", fake_export)
+    for path, kind in ((run_dir, "run"), (run_dir / ckpt.MODEL_FILE, "model file")):
+        source = ModelSource(path)
+        try:
+            assert source.kind == kind and source.model.config.in_channels == 1  # the given model, not the bundle's
+            assert source.bundle.onnx_path.is_file() and source.bundle.path != bundle_dir
+            temporary = source.bundle.path.parent
+        finally:
+            source.close()
+        assert not temporary.exists()  # the temporary export is removed
+    assert exported[0][:2] == (run_dir, "weave")
+    assert exported[1][1] == "model" and exported[1][2] == [ckpt.MODEL_FILE]
+
+
+# --- bench quality -----------------------------------------------------------------------------------
+def test_bench_quality_writes_records_the_readme_table_renders(category, tmp_path, capsys):
+    out_dir, runs_dir = tmp_path / "results", tmp_path / "runs"
+    args = ["bench", "quality", str(category), "--preset", "tiny", "--max-steps", "2", "--max-minutes", "5",
+            "--batch-size", "4", "--workers", "0", "--out-dir", str(out_dir), "--runs-dir", str(runs_dir)]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    path = out_dir / "weave_tiny.json"
+    record = json.loads(path.read_text())
+    assert printed["files"] == [str(path)] and printed["results"] == [record]
+
+    assert record["name"] == "weave_tiny" and record["dataset"] == "weave" and record["preset"] == "tiny"
+    assert set(record["metrics"]) == set(METRICS)
+    assert all(0.0 <= v <= 1.0 for v in record["metrics"].values())
+    assert record["test_images"] == 11 and record["anomalous_test_images"] == 6
+    training = record["training"]
+    assert training["steps"] == 2 and training["image_size"] == 32 and training["in_channels"] == 1
+    assert training["train_seconds"] > 0 and training["seconds_per_step"] > 0
+    assert record["budget"]["max_minutes"] == 5 and record["budget"]["max_steps"] == 2
+    assert "cores" in record["machine"] and record["machine_details"]["cpu_count"] == os.cpu_count()
+    assert record["torch"] == torch.__version__ and record["onnxruntime"]
+    assert record["command"].startswith("diffad bench quality ") and "--max-steps 2" in record["command"]
+    assert record["date"]
+    # the run is a real run: evaluated, calibrated, exportable
+    run = runs_dir / "weave_tiny"
+    assert (run / "model.safetensors").is_file() and (run / "calibration.json").is_file()
+    assert json.loads((run / "eval.json").read_text())["image_auroc"] == record["metrics"]["image_auroc"]
+
+    # the README generator renders it, with the figures as recorded
+    table = render_results_module().table(out_dir)
+    row = next(line for line in table.splitlines() if line.startswith("| `weave`"))
+    assert row.startswith("| `weave` | tiny | " + " | ".join(f"{record['metrics'][k]:.3f}" for k in METRICS))
+    assert "| 2 steps, " in row and record["machine"] in table
+    assert printed["table"] == markdown_table([record])
+
+    # an existing run is not trained over without --overwrite
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--max-steps", "3"]) == 0
+    assert json.loads(path.read_text())["training"]["steps"] == 3
+
+
+def test_readme_table_skips_non_quality_results(tmp_path):
+    (tmp_path / "speed.json").write_text(json.dumps({"benchmark": "speed", "machine": "x"}))
+    table = render_results_module().table(tmp_path)
+    assert table.count("\n") == 1  # the header only: no rows, no machine line
