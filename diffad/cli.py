@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="default 8")
     p.add_argument("--unet-lr", type=_positive_float, help="UNet learning rate (default: by preset)")
     p.add_argument("--seg-lr", type=_positive_float, help="segmentation learning rate (default: by preset)")
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="cosine: decay to 5%% over the budget (steps or minutes, whichever ends first) after a "
+                   "50-step warm-up; constant: the warm-up only (default cosine)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, anomalies, noise (default 0)")
     p.add_argument("--foreground", choices=("auto", "none"), default="auto",
                    help="where anomalies may be painted: auto (estimated object, whole image for textures) "
@@ -270,7 +273,8 @@ def _train(args) -> int:
     cfg = TrainConfig(
         batch_size=args.batch_size, unet_lr=args.unet_lr or unet_lr, segmentation_lr=args.seg_lr or seg_lr,
         max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed, workers=args.workers,
-        checkpoint_every=args.checkpoint_every, bf16=not args.no_bf16, device=_training_device(args.device),
+        lr_schedule=args.lr_schedule, checkpoint_every=args.checkpoint_every, bf16=not args.no_bf16,
+        device=_training_device(args.device),
         synthesis=dataclasses.replace(SynthesisConfig(), foreground=args.foreground, texture_dir=args.texture_dir),
     )
     summary = train(args.data_dir, args.out, args.preset, args.image_size, args.channels, cfg, resume=args.resume)

@@ -1,6 +1,7 @@
 """Checkpoints, resuming, and a tiny train + evaluate run on generated images."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from diffad.models.demo_data import make_category
 from diffad.models.diffusionad import DiffusionAD
 from diffad.models.evaluation import evaluate_run, load_calibration
 from diffad.models.presets import preset
-from diffad.models.training import TrainConfig, focal_loss, make_optimizer, train
+from diffad.models.training import TrainConfig, budget_progress, focal_loss, lr_factor, make_optimizer, train
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1_max")
 
@@ -86,15 +87,58 @@ def test_focal_loss_by_hand():
 
 
 def test_resume_continues_exactly(category, tmp_path):
-    straight = train(category, tmp_path / "straight", "tiny", train_config=tiny_config(max_steps=4), progress=False)
-    train(category, tmp_path / "resumed", "tiny", train_config=tiny_config(max_steps=2), progress=False)
-    resumed = train(category, tmp_path / "resumed", "tiny", train_config=tiny_config(max_steps=4), resume=True,
-                    progress=False)
+    """A run extended with a larger step budget (constant learning rate: a cosine follows the budget)."""
+    constant = {"lr_schedule": "constant"}
+    straight = train(category, tmp_path / "straight", "tiny", train_config=tiny_config(max_steps=4, **constant),
+                     progress=False)
+    train(category, tmp_path / "resumed", "tiny", train_config=tiny_config(max_steps=2, **constant), progress=False)
+    resumed = train(category, tmp_path / "resumed", "tiny", train_config=tiny_config(max_steps=4, **constant),
+                    resume=True, progress=False)
     assert straight["steps"] == resumed["steps"] == 4 and resumed["steps_this_run"] == 2
     a = ckpt.load_model(tmp_path / "straight").state_dict()
     b = ckpt.load_model(tmp_path / "resumed").state_dict()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_interrupted_run_resumes_on_the_same_schedule(category, tmp_path):
+    """Killed after its step-2 checkpoint and resumed with the same budget: the same weights as straight."""
+    cfg = tiny_config(max_steps=4, warmup_steps=2)
+    straight = tmp_path / "straight"
+    train(category, straight, "tiny", train_config=cfg, progress=False)
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(straight, interrupted)
+    for path in (interrupted / ckpt.CHECKPOINT_DIR).glob("step_0000004*"):
+        path.unlink()
+    (interrupted / ckpt.MODEL_FILE).unlink()
+    resumed = train(category, interrupted, "tiny", train_config=cfg, resume=True, progress=False)
+    assert resumed["steps_this_run"] == 2
+    a, b = ckpt.load_model(straight).state_dict(), ckpt.load_model(interrupted).state_dict()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_learning_rate_schedule():
+    cosine = TrainConfig(warmup_steps=10, final_lr_fraction=0.05)
+    assert lr_factor(cosine, 0, 0.0) == pytest.approx(0.1)            # warm-up: (step + 1) / 10
+    assert lr_factor(cosine, 9, 0.0) == pytest.approx(1.0)
+    assert lr_factor(cosine, 100, 0.5) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert lr_factor(cosine, 100, 1.0) == pytest.approx(0.05)
+    assert lr_factor(cosine, 100, 3.0) == pytest.approx(0.05)         # past the budget: stays at the floor
+    assert lr_factor(TrainConfig(lr_schedule="constant", warmup_steps=10), 100, 0.9) == 1.0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor(TrainConfig(lr_schedule="linear"), 0, 0.0)
+    # steps or time, whichever is further along
+    assert budget_progress(50, 100, 30.0, 600.0) == pytest.approx(0.5)
+    assert budget_progress(10, 100, 300.0, 600.0) == pytest.approx(0.5)
+    assert budget_progress(10, None, 60.0, float("inf")) == 0.0
+
+
+def test_learning_rate_decays_over_a_run(category, tmp_path):
+    train(category, tmp_path / "run", "tiny", train_config=tiny_config(max_steps=8, warmup_steps=2), progress=False)
+    log_lines = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    factors = [json.loads(line)["lr_factor"] for line in log_lines]
+    assert factors[0] > 0.9 and factors[-1] < 0.2 and factors == sorted(factors, reverse=True)
 
 
 def test_resume_without_checkpoint_is_an_error(category, tmp_path):

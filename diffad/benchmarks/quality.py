@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", default="runs/bench", help="where the training runs go (default runs/bench)")
     p.add_argument("--seed", type=int, default=0, help="default 0")
     p.add_argument("--batch-size", type=int, default=8, help="training batch size (default 8)")
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="learning-rate schedule over the budget, as in diffad train (default cosine)")
     p.add_argument("--workers", type=int, default=1, help="data-loading worker processes (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the networks train")
     p.add_argument("--note", help="conditions worth knowing, kept with the figures")
@@ -57,7 +59,8 @@ def command_line(args) -> str:
     if args.max_steps is not None:
         words += ["--max-steps", str(args.max_steps)]
     words += ["--out-dir", str(args.out_dir), "--runs-dir", str(args.runs_dir), "--seed", str(args.seed),
-              "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+              "--batch-size", str(args.batch_size), "--lr-schedule", args.lr_schedule,
+              "--workers", str(args.workers)]
     if args.device != "cpu":
         words += ["--device", args.device]
     return shlex.join(words)
@@ -165,7 +168,7 @@ def run(args) -> int:
     unet_lr, seg_lr = LEARNING_RATES[args.preset]
     cfg = TrainConfig(batch_size=args.batch_size, unet_lr=unet_lr, segmentation_lr=seg_lr, max_steps=args.max_steps,
                       max_minutes=args.max_minutes, seed=args.seed, workers=args.workers,
-                      synthesis=SynthesisConfig())
+                      lr_schedule=args.lr_schedule, synthesis=SynthesisConfig())
     if device != "cpu":
         cfg = dataclasses.replace(cfg, device=device)
     records, files = [], []
@@ -184,7 +187,8 @@ def run(args) -> int:
             "machine_details": details,
             "onnxruntime": details.get("onnxruntime"),
             "budget": {"max_minutes": args.max_minutes, "max_steps": args.max_steps,
-                       "batch_size": args.batch_size, "device": device},
+                       "batch_size": args.batch_size, "lr_schedule": args.lr_schedule,
+                       "device": device},
         })
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{record['name']}.json"

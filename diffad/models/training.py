@@ -46,6 +46,11 @@ class TrainConfig:
     seed: int = 0
     t_s_range: tuple[int, int] = (0, 300)        # sampled from [low, high)
     t_l_range: tuple[int, int] = (300, 1000)
+    # Cosine decay over the budget (the step or the time budget, whichever runs out first) after a short
+    # warm-up: a run stopped by the clock then ends at a low learning rate instead of mid-swing.
+    lr_schedule: str = "cosine"                  # "cosine" or "constant"
+    warmup_steps: int = 50
+    final_lr_fraction: float = 0.05
     focal_weight: float = 5.0
     focal_gamma: float = 4.0
     checkpoint_every: int = 250
@@ -143,6 +148,25 @@ def make_optimizer(model: DiffusionAD, cfg: TrainConfig) -> torch.optim.Adam:
     ])
 
 
+def lr_factor(cfg: TrainConfig, step: int, progress: float) -> float:
+    """The learning-rate multiplier at `step`, `progress` being the used fraction of the budget (0..1)."""
+    warmup = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    if cfg.lr_schedule == "constant":
+        return warmup
+    if cfg.lr_schedule != "cosine":
+        raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {cfg.lr_schedule!r}")
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return warmup * (cfg.final_lr_fraction + (1.0 - cfg.final_lr_fraction) * cosine)
+
+
+def budget_progress(step: int, end_step: int | None, elapsed_s: float, budget_s: float) -> float:
+    """The used fraction of the budget: steps or time, whichever is further along (a resumed run's time
+    budget counts from the resume, as its --max-minutes does)."""
+    by_steps = step / end_step if end_step else 0.0
+    by_time = elapsed_s / budget_s if math.isfinite(budget_s) else 0.0
+    return max(by_steps, by_time)
+
+
 def load_training_images(data_dir: str | Path, image_size: int, channels: int | None, foreground: str):
     paths = find_train_images(data_dir)
     channels = channels or detect_channels(paths)
@@ -192,8 +216,9 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
     log.info("model %s: %d px, %d channel(s), UNet %.2f M params, segmentation %.2f M, %.2f GMAC per image",
              model_config.name, model_config.image_size, channels, cost["unet_params_m"],
              cost["segmentation_params_m"], cost["pipeline_gmac_per_image"])
-    log.info("%d training images from %s; batch %d, lr %.0e / %.0e, bf16 %s, %d loader worker(s)",
-             len(paths), data_dir, cfg.batch_size, cfg.unet_lr, cfg.segmentation_lr, cfg.bf16, cfg.workers)
+    log.info("%d training images from %s; batch %d, lr %.0e / %.0e (%s), bf16 %s, %d loader worker(s)",
+             len(paths), data_dir, cfg.batch_size, cfg.unet_lr, cfg.segmentation_lr, cfg.lr_schedule, cfg.bf16,
+             cfg.workers)
 
     dataset = SyntheticAnomalyDataset(images, foregrounds, AnomalySynthesizer(cfg.synthesis))
     loader = DataLoader(dataset, batch_size=cfg.batch_size,
@@ -217,6 +242,9 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
                 break
             # Seeded by step: a resumed run draws the same timesteps and noise.
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            factor = lr_factor(cfg, step, budget_progress(step, end_step, time.monotonic() - started, budget_s))
+            for group, base_lr in zip(optimizer.param_groups, (cfg.unet_lr, cfg.segmentation_lr), strict=True):
+                group["lr"] = base_lr * factor
             out = training_step(model, images_b.to(device), masks_b.to(device), has_b.to(device), cfg, generator)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
@@ -229,7 +257,7 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
                 mean = {k: float(np.mean([h[k] for h in history[-cfg.log_every:]])) for k in losses}
                 bar.set_postfix({k: f"{v:.4f}" for k, v in mean.items()})
                 log_file.write(json.dumps({"step": step, "elapsed_s": round(time.monotonic() - started, 1),
-                                           **mean}) + "\n")
+                                           "lr_factor": round(factor, 4), **mean}) + "\n")
                 log_file.flush()
             if step % cfg.checkpoint_every == 0:
                 _save_checkpoint(run_dir, model, optimizer, step, cfg.keep_checkpoints)
