@@ -1,12 +1,14 @@
 """Collect a training run's measured figures into bench/results/ and render the README's results table.
 
     python bench/render_results.py collect runs/dagm_small --name dagm_class1_small
-    python bench/render_results.py table          # rewrites the table in README.md
+    python bench/render_results.py table          # rewrites the tables in README.md
 
 `diffad bench quality DATASET...` trains, evaluates and writes these files itself; `collect` records a run
 trained by hand. Both write the same format (diffad.benchmarks.quality.quality_record).
 
-The table sits between the markers <!-- results:start --> and <!-- results:end --> in README.md.
+The quality table sits between the markers <!-- results:start --> and <!-- results:end --> in README.md;
+the speed tables (from a `diffad bench speed` and a `diffad bench load` record, with the issue's targets)
+between <!-- speed:start --> and <!-- speed:end -->.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import re
 from pathlib import Path
 
 from diffad.benchmarks.quality import markdown_table, quality_record
+from diffad.benchmarks.speed import markdown_tables as speed_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
+SPEED_RECORD, LOAD_RECORD = RESULTS / "cpu_small_speed.json", RESULTS / "cpu_small_load.json"
 
 
 def collect(run_dir: Path, name: str, note: str | None = None) -> Path:
@@ -39,6 +44,21 @@ def table(results: Path = RESULTS) -> str:
     return markdown_table([json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))])
 
 
+def speed(speed_record: Path = SPEED_RECORD, load_record: Path | None = LOAD_RECORD) -> str | None:
+    """The README's speed tables, or None when there is no speed record."""
+    if not Path(speed_record).is_file():
+        return None
+    load = json.loads(Path(load_record).read_text()) if load_record and Path(load_record).is_file() else None
+    return speed_tables(json.loads(Path(speed_record).read_text()), load)
+
+
+def replace_between(text: str, start: str, end: str, rendered: str) -> str:
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no {start} ... {end} markers")
+    return pattern.sub(lambda _: f"{start}\n{rendered}\n{end}", text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -48,21 +68,21 @@ def main() -> None:
     p.add_argument("--note", help="conditions worth knowing, kept with the figures")
     p = verbs.add_parser("table")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="default bench/results")
-    p.add_argument("--print-only", action="store_true", help="print the table, leave README.md alone")
+    p.add_argument("--print-only", action="store_true", help="print the tables, leave README.md alone")
+    p.add_argument("--speed", type=Path, default=SPEED_RECORD, help=f"bench speed record (default {SPEED_RECORD.name})")
+    p.add_argument("--load", type=Path, default=LOAD_RECORD, help=f"bench load record (default {LOAD_RECORD.name})")
     args = parser.parse_args()
     if args.verb == "collect":
         print(collect(args.run_dir, args.name, args.note))
-    elif args.print_only:
-        print(table(args.results_dir))
-    else:
+        return
+    quality, speed_text = table(args.results_dir), speed(args.speed, args.load)
+    if not args.print_only:
         readme = ROOT / "README.md"
-        text = readme.read_text()
-        pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-        if not pattern.search(text):
-            raise SystemExit(f"README.md has no {START} ... {END} markers")
-        rendered = table(args.results_dir)
-        readme.write_text(pattern.sub(lambda _: f"{START}\n{rendered}\n{END}", text))
-        print(rendered)
+        text = replace_between(readme.read_text(), START, END, quality)
+        if speed_text is not None:
+            text = replace_between(text, SPEED_START, SPEED_END, speed_text)
+        readme.write_text(text)
+    print(quality + ("\n\n" + speed_text if speed_text else ""))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from test_service import make_tiny_bundle
 from tiny_models import perturbed_tiny_model
 
 from diffad.benchmarks.quality import METRICS, markdown_table
-from diffad.benchmarks.speed import ModelSource, descendants, proc_memory, stratified
+from diffad.benchmarks.speed import ModelSource, descendants, markdown_tables, proc_memory, stratified
 from diffad.cli import main
 from diffad.export import exporter
 from diffad.models import checkpoint as ckpt
@@ -167,6 +167,52 @@ def test_bench_speed_on_a_tiny_bundle(bundle_dir, category, tmp_path, capsys):
     assert service["backend"] == "onnxruntime-cpu"
     assert service["vm_hwm_mib"] >= service["vm_rss_mib"] > 20
     assert service["total_vm_hwm_mib"] >= service["vm_hwm_mib"]
+
+    # the README's speed tables render from this record: every method, with its figures as measured
+    tables = markdown_tables(result)
+    for m in methods.values():
+        assert f"| {m['method']} | {m['unet_passes_per_image']} | {m['seconds_per_image']:.4f} |" in tables
+    assert "| one-step vs 10-step DDIM, speed | n/a |" in tables  # this run measured DDIM 2 and 5 only
+
+
+def speed_record(ddim_10=4.0, ancestral=120.0, ort_over_torch=1.5, fraction=0.2, auroc_one_step=0.9):
+    """A bench speed record with just the fields the README's tables read."""
+    def method(name, passes, slowdown, auroc):
+        return {"method": name, "unet_passes_per_image": passes, "seconds_per_image": 0.01 * slowdown,
+                "slowdown_vs_one_step": slowdown, "image_auroc": auroc, "pixel_auroc": auroc}
+
+    return {
+        "model": {"name": "m", "preset": "small", "image_size": 128, "channels": 1},
+        "data": {"used": 20, "test_images": 175, "data_dir": "/data/dagm_class1"},
+        "machine": {"cpu": "AMD EPYC", "cpu_count": 2},
+        "reconstruction": {"batch_size": 8, "methods": [
+            method("one-step", 2, 1.0, auroc_one_step), method("ddim-10", 10, ddim_10, 0.85),
+            method("ancestral", 201, ancestral, 0.8)]},
+        "backends": {"onnxruntime_over_torch": {"1": 1.1, "8": ort_over_torch}},
+        "compute": {"matmul": {"peak_gflops": 100.0}, "backends": [
+            {"backend": "onnxruntime-cpu", "batch": 8, "achieved_gflops": 100.0 * fraction,
+             "fraction_of_peak": fraction}]},
+        "service": {"vm_hwm_mib": 300.0, "total_vm_hwm_mib": 310.0, "backend": "onnxruntime-cpu"},
+    }
+
+
+def test_speed_tables_give_each_target_its_verdict():
+    load = {"concurrency": 16, "runs": [{"mode": "batching", "max_batch_size": 8, "throughput_img_s": 25.0}],
+            "bare_backend": [{"batch": 8, "images_per_s": 28.0}, {"batch": 1, "images_per_s": 26.0}]}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in markdown_tables(speed_record(), load).splitlines()}
+    assert rows["one-step vs 10-step DDIM, speed"].endswith("| 4.00x | >= 3x | met |")
+    assert rows["one-step vs ancestral from t_s, speed"].endswith("| 120.00x | >= 50x | met |")
+    assert rows["ONNX Runtime over PyTorch eager, batch 8"].endswith("| 1.50x | >= 1.3x | met |")
+    assert rows["ONNX Runtime FLOP/s over the matrix-product peak, batch 8"].endswith(
+        "| 20 % | >= 40 % | **not met** |")
+    assert rows["service under load over the bare backend, batch 8, 16 clients"].endswith(
+        "| 89 % | >= 90 % | **not met** |")  # 25 / 28
+    assert rows["one-step image / pixel AUROC no worse than the iterative ones"].endswith("| met |")
+    worse = markdown_tables(speed_record(ddim_10=2.5, auroc_one_step=0.82))
+    assert "| 2.50x | >= 3x | **not met** |" in worse
+    assert worse.splitlines()[-3].endswith("| **not met** |")  # one-step AUROC 0.82 < DDIM's 0.85
+    assert "service under load" not in worse  # no load record, no row
+    assert "service peak resident memory 310 MiB" in worse
 
 
 def test_bench_speed_refuses_bad_options(run_dir, category, capsys):

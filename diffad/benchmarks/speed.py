@@ -421,3 +421,72 @@ def run(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
     return 0
+
+
+# --- the README's speed tables ----------------------------------------------------------------------
+# The issue's targets for the 2-core CPU: (what, how it is read off the records, the bound)
+TARGETS = {
+    "one_step_vs_ddim_10": 3.0,          # one-step at least 3x faster than 10-step DDIM
+    "one_step_vs_ancestral": 50.0,       # and at least 50x faster than ancestral denoising from t_s
+    "onnxruntime_over_torch_batch_8": 1.3,
+    "fraction_of_matmul_peak": 0.40,
+    "service_over_bare_backend": 0.90,
+}
+
+
+def _verdict(value: float | None, bound: float) -> str:
+    return "n/a" if value is None else ("met" if value >= bound else "**not met**")
+
+
+def markdown_tables(speed: dict, load: dict | None = None) -> str:
+    """The README's speed section from one `bench speed` record (and a `bench load` record, when given):
+    the reconstruction methods side by side, then every target with its figure and verdict."""
+    rec = speed["reconstruction"]
+    rows = rec["methods"]
+    lines = ["| reconstruction | UNet passes / image | s / image | slower than one-step | image AUROC | pixel AUROC |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['unet_passes_per_image']} | {r['seconds_per_image']:.4f} | "
+                     f"{r['slowdown_vs_one_step']:.1f}x | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} |")
+    by_name = {r["method"]: r for r in rows}
+    one = by_name["one-step"]
+    others = [r for r in rows if r["method"] != "one-step"]
+    no_worse = all(one["image_auroc"] >= r["image_auroc"] and one["pixel_auroc"] >= r["pixel_auroc"] for r in others)
+    ratio = speed["backends"]["onnxruntime_over_torch"].get("8")
+    compute = speed["compute"]
+    ort = next((b for b in compute["backends"] if b["backend"].startswith("onnxruntime")), None)
+    targets = [
+        ("one-step vs 10-step DDIM, speed", by_name.get("ddim-10", {}).get("slowdown_vs_one_step"),
+         TARGETS["one_step_vs_ddim_10"], "x"),
+        ("one-step vs ancestral from t_s, speed", by_name.get("ancestral", {}).get("slowdown_vs_one_step"),
+         TARGETS["one_step_vs_ancestral"], "x"),
+        ("ONNX Runtime over PyTorch eager, batch 8", ratio, TARGETS["onnxruntime_over_torch_batch_8"], "x"),
+        (f"ONNX Runtime FLOP/s over the matrix-product peak, batch {ort['batch']}" if ort else
+         "ONNX Runtime FLOP/s over the matrix-product peak", ort["fraction_of_peak"] if ort else None,
+         TARGETS["fraction_of_matmul_peak"], "%"),
+    ]
+    if load is not None:
+        batching = next(r for r in load["runs"] if r["mode"] == "batching")
+        bare = next((b for b in load["bare_backend"] if b["batch"] == batching["max_batch_size"]), None)
+        service = batching["throughput_img_s"] / bare["images_per_s"] if bare else None
+        targets.append((f"service under load over the bare backend, batch {batching['max_batch_size']}, "
+                        f"{load['concurrency']} clients", service, TARGETS["service_over_bare_backend"], "%"))
+    lines += ["", "| target | figure | bound | verdict |", "|---|---|---|---|"]
+    for what, value, bound, unit in targets:
+        shown = "n/a" if value is None else (f"{value:.2f}x" if unit == "x" else f"{100 * value:.0f} %")
+        bound_shown = f">= {bound:g}x" if unit == "x" else f">= {100 * bound:.0f} %"
+        lines.append(f"| {what} | {shown} | {bound_shown} | {_verdict(value, bound)} |")
+    auroc = ", ".join(f"{r['method']} {r['image_auroc']:.3f} / {r['pixel_auroc']:.3f}" for r in rows)
+    lines.append(f"| one-step image / pixel AUROC no worse than the iterative ones | {auroc} | one-step >= each | "
+                 f"{'met' if no_worse else '**not met**'} |")
+    memory = speed.get("service") or {}
+    data = speed["data"]
+    footer = (f"\n\nModel `{speed['model']['name']}` ({speed['model']['preset']}, {speed['model']['image_size']} px, "
+              f"{speed['model']['channels']} channel(s)); reconstruction on {data['used']} of {data['test_images']} "
+              f"test images of `{Path(data['data_dir']).name}`, batch {rec['batch_size']}; matrix product "
+              f"{compute['matmul']['peak_gflops']:.1f} GFLOP/s, inference "
+              f"{ort['achieved_gflops'] if ort else 'n/a'} GFLOP/s")
+    if memory.get("vm_hwm_mib"):
+        footer += f"; service peak resident memory {memory['total_vm_hwm_mib']:.0f} MiB ({memory['backend']})"
+    cpu = speed["machine"].get("cpu") or speed["machine"].get("processor")
+    return "\n".join(lines) + footer + f". Machine: {cpu}, {speed['machine'].get('cpu_count')} cores."
