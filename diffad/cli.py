@@ -247,25 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-def _training_device(name: str) -> str:
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available to this PyTorch ({torch.__version__})")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
-    return str(device)
-
-
 def _train(args) -> int:
     import dataclasses
 
     from .models.synthesis import SynthesisConfig
-    from .models.training import LEARNING_RATES, TrainConfig, train
+    from .models.training import LEARNING_RATES, TrainConfig, train, training_device
 
     if args.max_steps is None and args.max_minutes is None:
         raise ValueError("give a budget: --max-steps, --max-minutes or both")
@@ -274,7 +260,7 @@ def _train(args) -> int:
         batch_size=args.batch_size, unet_lr=args.unet_lr or unet_lr, segmentation_lr=args.seg_lr or seg_lr,
         max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed, workers=args.workers,
         lr_schedule=args.lr_schedule, checkpoint_every=args.checkpoint_every, bf16=not args.no_bf16,
-        device=_training_device(args.device),
+        device=training_device(args.device),
         synthesis=dataclasses.replace(SynthesisConfig(), foreground=args.foreground, texture_dir=args.texture_dir),
     )
     summary = train(args.data_dir, args.out, args.preset, args.image_size, args.channels, cfg, resume=args.resume)

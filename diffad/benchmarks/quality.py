@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import shlex
 import shutil
 import sys
@@ -66,25 +64,13 @@ def command_line(args) -> str:
     return shlex.join(words)
 
 
-def machine_summary() -> str:
-    """One line for the results table: CPU model, core count, GPU (the string render_results.py writes)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = "no GPU"
-    try:
-        import torch
+def machine_summary(details: dict | None = None) -> str:
+    """One line for the results table, from throughput.machine(): CPU model, core count, GPU."""
+    from .throughput import machine
 
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}" if cpu else f"{os.cpu_count()} cores, {gpu}"
+    details = details or machine()
+    cpu = details.get("cpu") or details["processor"]
+    return f"{cpu}, {details.get('cpu_count')} cores, {details.get('gpu', 'no GPU')}"
 
 
 def quality_record(name: str, summary: dict, evaluation: dict, note: str | None = None,
@@ -103,7 +89,7 @@ def quality_record(name: str, summary: dict, evaluation: dict, note: str | None 
         "eval_images_per_s": evaluation["inference_images_per_s"],
         "training": {k: summary[k] for k in TRAINING_FIELDS},
         "torch": summary.get("torch", torch.__version__),
-        "machine": machine_summary(),
+        "machine": machine_summary((extra or {}).get("machine_details")),
     }
     if note:
         record["note"] = note
@@ -124,32 +110,18 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines) + ("\n\nMachine: " + "; ".join(machines) if machines else "")
 
 
-def _check_device(name: str) -> str:
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device: {e}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available to this PyTorch ({torch.__version__})")
-    return str(device)
-
-
 def run(args) -> int:
     import dataclasses
 
     from ..models.data import find_test_samples
     from ..models.evaluation import evaluate_run
     from ..models.synthesis import SynthesisConfig
-    from ..models.training import LEARNING_RATES, TrainConfig, train
+    from ..models.training import LEARNING_RATES, TrainConfig, train, training_device
     from .throughput import machine
 
     if args.max_minutes <= 0 or (args.max_steps is not None and args.max_steps < 1) or args.batch_size < 1:
         raise ValueError("--max-minutes, --max-steps and --batch-size must be positive")
-    device = _check_device(args.device)
+    device = training_device(args.device)
     out_dir, runs_dir = Path(args.out_dir), Path(args.runs_dir)
     datasets = [Path(d) for d in args.datasets]
     names = [d.resolve().name for d in datasets]
@@ -168,9 +140,7 @@ def run(args) -> int:
     unet_lr, seg_lr = LEARNING_RATES[args.preset]
     cfg = TrainConfig(batch_size=args.batch_size, unet_lr=unet_lr, segmentation_lr=seg_lr, max_steps=args.max_steps,
                       max_minutes=args.max_minutes, seed=args.seed, workers=args.workers,
-                      lr_schedule=args.lr_schedule, synthesis=SynthesisConfig())
-    if device != "cpu":
-        cfg = dataclasses.replace(cfg, device=device)
+                      lr_schedule=args.lr_schedule, device=device, synthesis=SynthesisConfig())
     records, files = [], []
     for dataset, name, run_dir in plans:
         if run_dir.exists():

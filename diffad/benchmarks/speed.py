@@ -39,9 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .quality import METRICS
+
 log = logging.getLogger("diffad.bench.speed")
 
-DETECTION_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1_max")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -181,7 +182,7 @@ def compare_reconstructions(model, images: np.ndarray, masks: np.ndarray, labels
         metrics = compute_metrics(labels, scores, masks, maps)
         row = {"method": name, "unet_passes_per_image": passes, "repeats": len(times),
                "seconds_per_image": sum(times) / (len(times) * len(images)),
-               **{k: round(float(metrics[k]), 4) for k in DETECTION_METRICS},
+               **{k: round(float(metrics[k]), 4) for k in METRICS},
                "score_mean_good": round(float(scores[labels == 0].mean()), 5),
                "score_mean_defective": round(float(scores[labels == 1].mean()), 5)}
         rows.append(row)

@@ -141,6 +141,19 @@ def training_step(model: DiffusionAD, images: torch.Tensor, masks: torch.Tensor,
 
 
 # --- the run -------------------------------------------------------------------------------------
+def training_device(name: str) -> str:
+    """`name` checked as a device to train on (cpu or an available cuda[:N]); ValueError says what is wrong."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available to this PyTorch ({torch.__version__})")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
+    return str(device)
+
+
 def make_optimizer(model: DiffusionAD, cfg: TrainConfig) -> torch.optim.Adam:
     return torch.optim.Adam([
         {"params": model.unet.parameters(), "lr": cfg.unet_lr},
