@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", choices=("auto", "none"), default="auto",
                    help="where anomalies may be painted: auto (estimated object, whole image for textures) "
                    "or none (whole image)")
+    p.add_argument("--anomaly-sources", default="self,procedural", metavar="LIST",
+                   help="what synthetic anomalies are filled with, comma-separated: self (the image, altered "
+                   "and shuffled), smudge (the image blurred and darkened or lightened, soft-edged: stains, "
+                   "wear), procedural (generated textures); default self,procedural")
     p.add_argument("--texture-dir", help="optional folder of texture images as an extra anomaly source")
     p.add_argument("--workers", type=int, default=1, help="data-loading worker processes (default 1)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=250, help="steps between checkpoints")
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     import dataclasses
 
-    from .models.synthesis import SynthesisConfig
+    from .models.synthesis import SynthesisConfig, parse_sources
     from .models.training import LEARNING_RATES, TrainConfig, train, training_device
 
     if args.max_steps is None and args.max_minutes is None:
@@ -261,7 +265,8 @@ def _train(args) -> int:
         max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed, workers=args.workers,
         lr_schedule=args.lr_schedule, checkpoint_every=args.checkpoint_every, bf16=not args.no_bf16,
         device=training_device(args.device),
-        synthesis=dataclasses.replace(SynthesisConfig(), foreground=args.foreground, texture_dir=args.texture_dir),
+        synthesis=dataclasses.replace(SynthesisConfig(), foreground=args.foreground, texture_dir=args.texture_dir,
+                                      sources=parse_sources(args.anomaly_sources)),
     )
     summary = train(args.data_dir, args.out, args.preset, args.image_size, args.channels, cfg, resume=args.resume)
     print(json.dumps(summary, indent=2))

@@ -54,6 +54,18 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert (run / "calibration.json").is_file()
 
 
+def test_train_takes_the_anomaly_sources_asked_for(tmp_path, capsys):
+    data = make_category(tmp_path / "data", size=32, num_train=4, num_test_good=1, num_test_defect=1)
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "1", "--batch-size", "2",
+                 "--workers", "0", "--anomaly-sources", "smudge, self"]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["synthesis"]["sources"] == ["smudge", "self"]
+    assert main(["train", str(data), "--out", str(tmp_path / "other"), "--max-steps", "1",
+                 "--anomaly-sources", "self,stains"]) == 2
+    assert "stains" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_train_on_a_missing_gpu_is_a_clear_error(tmp_path, capsys):
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "run"), "--max-steps", "1", "--device", "cuda"]) == 2

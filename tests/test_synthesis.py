@@ -17,6 +17,7 @@ from diffad.models.synthesis import (
     perlin_noise,
     procedural_texture,
     self_augmentation_source,
+    smudge_source,
 )
 
 SIZE = 64
@@ -166,7 +167,7 @@ def test_empty_foreground_gives_no_anomaly() -> None:
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("source", ["self", "procedural"])
+@pytest.mark.parametrize("source", ["self", "smudge", "procedural"])
 def test_changes_only_inside_mask(channels: int, source: str) -> None:
     image, _ = disc_image(channels)
     synth = AnomalySynthesizer(SynthesisConfig(sources=(source,)))
@@ -290,6 +291,44 @@ def test_texture_source_is_used(texture_dir, channels: int) -> None:
         assert len(matches) == 1
         seen.add(matches[0])
     assert seen == {"red", "grey"}
+
+
+def test_smudge_fades_the_texture_and_has_no_sharp_edge() -> None:
+    # A stain on a fine texture: the source has lost the texture's fine detail.
+    xx = np.mgrid[0:SIZE, 0:SIZE][1]
+    texture = (0.5 + 0.25 * np.sin(xx * 2.0))[..., None].astype(np.float32)
+    source = smudge_source(texture, np.random.default_rng(0))
+    assert source.shape == texture.shape and source.dtype == np.float32
+    assert np.abs(np.diff(source[..., 0], axis=1)).mean() < 0.5 * np.abs(np.diff(texture[..., 0], axis=1)).mean()
+
+    # On a flat grey image the change is proportional to the opacity, which fades towards the border.
+    flat = np.full((SIZE, SIZE, 1), 0.5, dtype=np.float32)
+    synth = AnomalySynthesizer(SynthesisConfig(sources=("smudge",), foreground="none"))
+    checked = 0
+    for seed in range(30):
+        out, mask, has_anomaly = synth(flat, np.random.default_rng(seed), force=True)
+        assert has_anomaly
+        inside = mask.astype(bool)
+        np.testing.assert_array_equal(out[~inside], flat[~inside])
+        deep = ndimage.binary_erosion(inside, iterations=4)
+        if deep.sum() < 20:
+            continue
+        change = np.abs(out - flat)[..., 0]
+        border = inside & ~ndimage.binary_erosion(inside)
+        assert change[border].mean() < 0.8 * change[deep].mean()
+        checked += 1
+    assert checked >= 3
+
+
+def test_smudge_masks_are_blobs_not_speckle() -> None:
+    # A smudge draws its mask at coarse Perlin scales only: few, large connected regions.
+    image = noise_image(1, shape=(128, 128))
+    synth = AnomalySynthesizer(SynthesisConfig(sources=("smudge",), foreground="none"))
+    counts = []
+    for seed in range(20):
+        _, mask, _ = synth(image, np.random.default_rng(seed), force=True)
+        counts.append(ndimage.label(mask)[1])
+    assert max(counts) <= 40
 
 
 def test_texture_dir_adds_texture_source(texture_dir) -> None:

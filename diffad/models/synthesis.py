@@ -5,9 +5,11 @@ An anomaly is made from a good image in three steps:
 1. a binary region from thresholded, randomly scaled and rotated Perlin noise, restricted to the
    object (foreground) so that defects do not land on the empty background;
 2. an anomaly *source* image: a strip-shuffled, photometrically altered copy of the image itself
-   ("self"), a texture generated in code ("procedural"), or a texture file ("texture");
+   ("self"), a blurred, darkened or lightened copy of it ("smudge": stains, wear, dirt, an out-of-focus
+   spot, whose texture fades out instead of changing), a texture generated in code ("procedural"), or a
+   texture file ("texture");
 3. the blend ``out = (1 - m) * image + m * ((1 - beta) * image + beta * source)`` with a random
-   opacity ``beta``.
+   opacity ``beta``; a smudge's opacity fades towards the mask's border (a stain has no sharp edge).
 
 Everything is NumPy (plus scipy / scikit-image / Pillow) and every random choice comes from the
 ``numpy.random.Generator`` passed in, so a seed reproduces a sample exactly.
@@ -16,7 +18,7 @@ Everything is NumPy (plus scipy / scikit-image / Pillow) and every random choice
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +34,18 @@ __all__ = [
     "perlin_mask",
     "estimate_foreground",
     "self_augmentation_source",
+    "smudge_source",
     "procedural_texture",
+    "parse_sources",
 ]
 
-KNOWN_SOURCES = ("self", "procedural", "texture")
+KNOWN_SOURCES = ("self", "smudge", "procedural", "texture")
 TEXTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 # A new Perlin mask is drawn this many times at most before giving up on an anomaly.
 _MASK_ATTEMPTS = 5
+# A smudge's Perlin mask uses at most 2**3 cells per axis.
+_SMUDGE_MAX_SCALE_LOG2 = 3
 # ITU-R BT.601 luminance weights, used wherever colour has to become grayscale.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -51,7 +57,7 @@ class SynthesisConfig:
     max_scale_log2: int = 5
     threshold: float = 0.5  # Perlin noise > threshold -> anomaly
     opacity_range: tuple[float, float] = (0.2, 0.8)  # beta ~ U[low, high)
-    sources: tuple[str, ...] = ("self", "procedural")  # which sources to draw from, uniformly
+    sources: tuple[str, ...] = ("self", "procedural")  # which sources to draw from, uniformly ("smudge": opt in)
     texture_dir: str | None = None  # optional folder of texture images; adds source "texture"
     foreground: str = "auto"  # "auto" (estimate) or "none" (whole image, for textures)
     min_mask_fraction: float = 0.001  # retry when the mask inside the foreground is smaller
@@ -291,6 +297,21 @@ def self_augmentation_source(image: np.ndarray, rng: np.random.Generator) -> np.
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def smudge_source(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image low-pass filtered (its fine texture gone) and darkened or lightened, like a stain."""
+    image = _as_hwc(image)
+    sigma = rng.uniform(0.01, 0.04) * min(image.shape[:2]) + 0.5  # relative to the image: any resolution
+    out = ndimage.gaussian_filter(image, sigma=(sigma, sigma, 0))
+    gain = rng.uniform(0.5, 0.9) if rng.random() < 0.7 else rng.uniform(1.1, 1.5)  # stains mostly darken
+    return np.clip(out * gain, 0.0, 1.0).astype(np.float32)
+
+
+def _feathered(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Opacity weights in [0, 1]: 1 deep inside the mask, falling towards its border, 0 outside."""
+    sigma = rng.uniform(0.005, 0.02) * min(mask.shape) + 0.5
+    return np.where(mask, ndimage.gaussian_filter(mask.astype(np.float32), sigma), 0.0).astype(np.float32)
+
+
 def _random_palette(rng: np.random.Generator, count: int) -> np.ndarray:
     """``count`` RGB colours with one dark and one bright entry, so textures never come out flat."""
     colours = rng.random((count, 3))
@@ -436,6 +457,11 @@ def procedural_texture(shape: tuple[int, int, int], rng: np.random.Generator) ->
 # --------------------------------------------------------------------------------------------
 
 
+def parse_sources(text: str) -> tuple[str, ...]:
+    """A command line's "self, smudge" -> ("self", "smudge"); the synthesizer checks the names."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def _validate(config: SynthesisConfig) -> None:
     if not 0.0 <= config.probability <= 1.0:
         raise ValueError(f"probability must be in [0, 1], got {config.probability}")
@@ -509,16 +535,24 @@ class AnomalySynthesizer:
             return unchanged
 
         region = self._foreground(image, foreground)
+        name = self.sources[int(rng.integers(0, len(self.sources)))]
+        mask_config = self.config
+        if name == "smudge":
+            # A stain is a blob: fine-scale speckle would fade to nothing visible and teach false alarms.
+            coarsest = min(self.config.max_scale_log2, _SMUDGE_MAX_SCALE_LOG2)
+            mask_config = replace(self.config, max_scale_log2=max(coarsest, self.config.min_scale_log2))
         needed = max(1.0, self.config.min_mask_fraction * float(region.sum()))
         for _ in range(_MASK_ATTEMPTS):
-            mask = perlin_mask((h, w), rng, self.config) & region
+            mask = perlin_mask((h, w), rng, mask_config) & region
             if mask.sum() >= needed:
                 break
         else:
             return unchanged
 
-        source = self._source(image, rng)
+        source = self._source(name, image, rng)
         beta = rng.uniform(*self.config.opacity_range)
+        if name == "smudge":
+            beta = beta * _feathered(mask, rng)[..., None]
         blended = (1.0 - beta) * image + beta * source
         # np.where keeps pixels outside the mask bit-identical to the input.
         augmented = np.where(mask[..., None], np.clip(blended, 0.0, 1.0), image).astype(np.float32)
@@ -535,10 +569,11 @@ class AnomalySynthesizer:
             return estimate_foreground(image)
         return np.ones((h, w), dtype=bool)
 
-    def _source(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        name = self.sources[int(rng.integers(0, len(self.sources)))]
+    def _source(self, name: str, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if name == "self":
             return self_augmentation_source(image, rng)
+        if name == "smudge":
+            return smudge_source(image, rng)
         if name == "procedural":
             return procedural_texture(image.shape, rng)
         return self._texture(image.shape, rng)
