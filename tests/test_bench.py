@@ -274,7 +274,7 @@ def test_bench_quality_writes_records_the_readme_table_renders(category, tmp_pat
     # the README generator renders it, with the figures as recorded
     table = render_results_module().table(out_dir)
     row = next(line for line in table.splitlines() if line.startswith("| `weave`"))
-    assert row.startswith("| `weave` | tiny | " + " | ".join(f"{record['metrics'][k]:.3f}" for k in METRICS))
+    assert row.startswith("| `weave` | tiny, 32 px | " + " | ".join(f"{record['metrics'][k]:.3f}" for k in METRICS))
     assert "| 2 steps, " in row and record["machine"] in table
     assert printed["table"] == markdown_table([record])
 
@@ -283,6 +283,13 @@ def test_bench_quality_writes_records_the_readme_table_renders(category, tmp_pat
     assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--max-steps", "3"]) == 0
     assert json.loads(path.read_text())["training"]["steps"] == 3
+
+    # another input size is another record, named for it, next to the preset's own
+    assert main([*args, "--image-size", "24"]) == 0
+    other = json.loads((out_dir / "weave_tiny_24px.json").read_text())
+    assert other["training"]["image_size"] == 24 and "--image-size 24" in other["command"]
+    assert (runs_dir / "weave_tiny_24px" / "model.safetensors").is_file() and path.is_file()
+    assert "| `weave` | tiny, 24 px | " in render_results_module().table(out_dir)
 
 
 def test_readme_table_skips_non_quality_results(tmp_path):

@@ -31,6 +31,8 @@ TRAINING_FIELDS = ("steps", "train_seconds", "seconds_per_step", "num_train_imag
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("datasets", nargs="+", metavar="DATASET", help="MVTec-layout categories")
     p.add_argument("--preset", choices=("tiny", "small", "paper"), default="small", help="default small")
+    p.add_argument("--image-size", type=int,
+                   help="square input size (default: the preset's); the record's name then ends in _<size>px")
     p.add_argument("--max-minutes", type=float, default=30.0,
                    help="training budget per category, wall-clock minutes (default 30)")
     p.add_argument("--max-steps", type=int, help="also stop training after this many steps")
@@ -40,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="training batch size (default 8)")
     p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                    help="learning-rate schedule over the budget, as in diffad train (default cosine)")
+    p.add_argument("--anomaly-sources", default="self,procedural", metavar="LIST",
+                   help="synthetic anomaly sources, as in diffad train (default self,procedural)")
     p.add_argument("--workers", type=int, default=1, help="data-loading worker processes (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the networks train")
     p.add_argument("--note", help="conditions worth knowing, kept with the figures")
@@ -52,13 +56,15 @@ def command_line(args) -> str:
     """The command as typed (set by the cli), else rebuilt from the parsed arguments."""
     if getattr(args, "command", None):
         return args.command
-    words = ["diffad", "bench", "quality", *args.datasets, "--preset", args.preset,
-             "--max-minutes", f"{args.max_minutes:g}"]
+    words = ["diffad", "bench", "quality", *args.datasets, "--preset", args.preset]
+    if args.image_size is not None:
+        words += ["--image-size", str(args.image_size)]
+    words += ["--max-minutes", f"{args.max_minutes:g}"]
     if args.max_steps is not None:
         words += ["--max-steps", str(args.max_steps)]
     words += ["--out-dir", str(args.out_dir), "--runs-dir", str(args.runs_dir), "--seed", str(args.seed),
               "--batch-size", str(args.batch_size), "--lr-schedule", args.lr_schedule,
-              "--workers", str(args.workers)]
+              "--anomaly-sources", args.anomaly_sources, "--workers", str(args.workers)]
     if args.device != "cpu":
         words += ["--device", args.device]
     return shlex.join(words)
@@ -100,11 +106,12 @@ def quality_record(name: str, summary: dict, evaluation: dict, note: str | None 
 def markdown_table(records: list[dict]) -> str:
     """The README's results table for quality records (files with "metrics"); other records are skipped."""
     records = [r for r in records if "metrics" in r]
-    lines = ["| dataset | preset | image AUROC | pixel AUROC | AUPRO | pixel AP | image F1-max | training |",
+    lines = ["| dataset | preset, input | image AUROC | pixel AUROC | AUPRO | pixel AP | image F1-max | training |",
              "|---|---|---|---|---|---|---|---|"]
     for r in records:
         m, t = r["metrics"], r["training"]
-        lines.append(f"| `{r['dataset']}` | {r['preset']} | " + " | ".join(f"{m[k]:.3f}" for k in METRICS)
+        lines.append(f"| `{r['dataset']}` | {r['preset']}, {t['image_size']} px | "
+                     + " | ".join(f"{m[k]:.3f}" for k in METRICS)
                      + f" | {t['steps']} steps, {t['train_seconds'] / 60:.1f} min |")
     machines = sorted({r["machine"] for r in records})
     return "\n".join(lines) + ("\n\nMachine: " + "; ".join(machines) if machines else "")
@@ -115,12 +122,14 @@ def run(args) -> int:
 
     from ..models.data import find_test_samples
     from ..models.evaluation import evaluate_run
-    from ..models.synthesis import SynthesisConfig
+    from ..models.synthesis import SynthesisConfig, parse_sources
     from ..models.training import LEARNING_RATES, TrainConfig, train, training_device
     from .throughput import machine
 
-    if args.max_minutes <= 0 or (args.max_steps is not None and args.max_steps < 1) or args.batch_size < 1:
-        raise ValueError("--max-minutes, --max-steps and --batch-size must be positive")
+    if (args.max_minutes <= 0 or (args.max_steps is not None and args.max_steps < 1) or args.batch_size < 1
+            or (args.image_size is not None and args.image_size < 1)):
+        raise ValueError("--max-minutes, --max-steps, --batch-size and --image-size must be positive")
+    variant = f"{args.preset}_{args.image_size}px" if args.image_size else args.preset
     device = training_device(args.device)
     out_dir, runs_dir = Path(args.out_dir), Path(args.runs_dir)
     datasets = [Path(d) for d in args.datasets]
@@ -130,7 +139,7 @@ def run(args) -> int:
     plans = []
     for dataset, name in zip(datasets, names, strict=True):  # every problem reported before hours of training
         find_test_samples(dataset)  # an MVTec-layout category with a labelled test set (DataError otherwise)
-        run_dir = runs_dir / f"{name}_{args.preset}"
+        run_dir = runs_dir / f"{name}_{variant}"
         if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
             raise ValueError(f"{run_dir} already exists; pass --overwrite to train it again from scratch")
         plans.append((dataset, name, run_dir))
@@ -140,17 +149,19 @@ def run(args) -> int:
     unet_lr, seg_lr = LEARNING_RATES[args.preset]
     cfg = TrainConfig(batch_size=args.batch_size, unet_lr=unet_lr, segmentation_lr=seg_lr, max_steps=args.max_steps,
                       max_minutes=args.max_minutes, seed=args.seed, workers=args.workers,
-                      lr_schedule=args.lr_schedule, device=device, synthesis=SynthesisConfig())
+                      lr_schedule=args.lr_schedule, device=device,
+                      synthesis=SynthesisConfig(sources=parse_sources(args.anomaly_sources)))
     records, files = [], []
     for dataset, name, run_dir in plans:
         if run_dir.exists():
             shutil.rmtree(run_dir)
         log.info("%s: training the %s preset for at most %g min%s into %s", name, args.preset, args.max_minutes,
                  f" / {args.max_steps} steps" if args.max_steps else "", run_dir)
-        summary = train(dataset, run_dir, args.preset, train_config=dataclasses.replace(cfg))
+        summary = train(dataset, run_dir, args.preset, image_size=args.image_size,
+                        train_config=dataclasses.replace(cfg))
         log.info("%s: evaluating on %s", name, dataset / "test")
         evaluation = evaluate_run(run_dir, dataset, run_dir / "eval.json", args.batch_size)
-        record = quality_record(f"{name}_{args.preset}", summary, evaluation, args.note, extra={
+        record = quality_record(f"{name}_{variant}", summary, evaluation, args.note, extra={
             "run_dir": str(run_dir),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": command,
@@ -159,6 +170,7 @@ def run(args) -> int:
             "budget": {"max_minutes": args.max_minutes, "max_steps": args.max_steps,
                        "batch_size": args.batch_size, "lr_schedule": args.lr_schedule,
                        "device": device},
+            "anomaly_sources": list(cfg.synthesis.sources),
         })
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{record['name']}.json"
