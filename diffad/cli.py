@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", choices=("auto", "none"), default="auto",
                    help="where anomalies may be painted: auto (estimated object, whole image for textures) "
                    "or none (whole image)")
-    p.add_argument("--anomaly-sources", default="self,procedural", metavar="LIST",
+    p.add_argument("--anomaly-sources", metavar="LIST",
                    help="what synthetic anomalies are filled with, comma-separated: self (the image, altered "
                    "and shuffled), smudge (the image blurred and darkened or lightened, soft-edged: stains, "
                    "wear), procedural (generated textures); default self,procedural")

@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="training batch size (default 8)")
     p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                    help="learning-rate schedule over the budget, as in diffad train (default cosine)")
-    p.add_argument("--anomaly-sources", default="self,procedural", metavar="LIST",
+    p.add_argument("--anomaly-sources", metavar="LIST",
                    help="synthetic anomaly sources, as in diffad train (default self,procedural)")
     p.add_argument("--workers", type=int, default=1, help="data-loading worker processes (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the networks train")
@@ -63,8 +63,10 @@ def command_line(args) -> str:
     if args.max_steps is not None:
         words += ["--max-steps", str(args.max_steps)]
     words += ["--out-dir", str(args.out_dir), "--runs-dir", str(args.runs_dir), "--seed", str(args.seed),
-              "--batch-size", str(args.batch_size), "--lr-schedule", args.lr_schedule,
-              "--anomaly-sources", args.anomaly_sources, "--workers", str(args.workers)]
+              "--batch-size", str(args.batch_size), "--lr-schedule", args.lr_schedule]
+    if args.anomaly_sources is not None:
+        words += ["--anomaly-sources", args.anomaly_sources]
+    words += ["--workers", str(args.workers)]
     if args.device != "cpu":
         words += ["--device", args.device]
     return shlex.join(words)

@@ -487,7 +487,7 @@ def markdown_tables(speed: dict, load: dict | None = None) -> str:
               f"test images of `{Path(data['data_dir']).name}`, batch {rec['batch_size']}; matrix product "
               f"{compute['matmul']['peak_gflops']:.1f} GFLOP/s, inference "
               f"{ort['achieved_gflops'] if ort else 'n/a'} GFLOP/s")
-    if memory.get("vm_hwm_mib"):
+    if memory.get("total_vm_hwm_mib"):
         footer += f"; service peak resident memory {memory['total_vm_hwm_mib']:.0f} MiB ({memory['backend']})"
     cpu = speed["machine"].get("cpu") or speed["machine"].get("processor")
     return "\n".join(lines) + footer + f". Machine: {cpu}, {speed['machine'].get('cpu_count')} cores."

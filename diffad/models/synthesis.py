@@ -457,8 +457,11 @@ def procedural_texture(shape: tuple[int, int, int], rng: np.random.Generator) ->
 # --------------------------------------------------------------------------------------------
 
 
-def parse_sources(text: str) -> tuple[str, ...]:
-    """A command line's "self, smudge" -> ("self", "smudge"); the synthesizer checks the names."""
+def parse_sources(text: str | None) -> tuple[str, ...]:
+    """A command line's "self, smudge" -> ("self", "smudge"), None -> the default sources; the synthesizer
+    checks the names."""
+    if text is None:
+        return SynthesisConfig().sources
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
