@@ -1,5 +1,7 @@
 """The networks and the one-step pipeline: shapes, determinism, reconstruction rules, presets."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -120,3 +122,38 @@ def test_cost_counts_both_unet_passes():
     bigger = describe(DiffusionAD(preset("tiny", image_size=64)))
     # convolutions dominate: about 4x the MACs at twice the side
     assert 3.5 < bigger["pipeline_gmac_per_image"] / cost["pipeline_gmac_per_image"] < 4.5
+
+
+def test_map_smoothing_keeps_flat_maps_and_spreads_peaks():
+    from diffad.models.diffusionad import gaussian_kernel, smooth_map
+
+    kernel = gaussian_kernel(2.0)
+    assert kernel.sum().item() == pytest.approx(1.0) and kernel.numel() == 2 * 8 + 1
+    flat = torch.full((2, 1, 16, 16), 0.3)
+    assert torch.allclose(smooth_map(flat, kernel), flat, atol=1e-6)  # reflected borders: no dark rim
+    peak = torch.zeros(1, 1, 33, 33)
+    peak[0, 0, 16, 16] = 1.0
+    out = smooth_map(peak, kernel)
+    assert out.sum().item() == pytest.approx(1.0, abs=1e-5) and out.max() < 0.1
+    assert torch.allclose(out[0, 0], out[0, 0].T, atol=1e-7)  # the same along both axes
+
+
+def test_standardisation_and_smoothing_are_part_of_the_model():
+    config = preset("tiny", in_channels=3)
+    config.input_mean, config.input_std, config.map_sigma = (0.4, 0.5, 0.6), (0.1, 0.2, 0.3), 1.0
+    model = DiffusionAD(config).eval()
+    images = torch.rand(2, 3, 32, 32)
+    x = model.normalize(images)
+    assert torch.allclose(x[:, 1], (images[:, 1] - 0.5) / 0.2)
+    low, high = model.pixel_bounds
+    assert torch.allclose(low.flatten(), torch.tensor([-4.0, -2.5, -2.0]))
+    assert torch.allclose(high.flatten(), torch.tensor([6.0, 2.5, 4 / 3]))
+    recon = model.reconstruct(x)
+    assert (recon >= low - 1e-6).all() and (recon <= high + 1e-6).all()  # clipped to valid pixels
+    with torch.no_grad():
+        anomaly_map, score = model(images)
+        alone = model(images[1:])[1]
+    assert torch.allclose(score[1:], alone, atol=1e-6)  # smoothing keeps images apart
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="input_std"):
+        ModelConfig(in_channels=1, input_std=(0.0,))

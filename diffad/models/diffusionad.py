@@ -2,6 +2,11 @@
 
 forward(images in [0, 1]) -> (anomaly map in [0, 1], image score). The noise added at t_s and t_l is a
 seeded buffer saved with the weights, so an image always gets the same score, alone or in a batch.
+
+Two per-model constants shape what the networks see and what the map shows, and travel inside the model
+(and so inside the exported graph): the input standardisation (per-channel mean and std of the category's
+good images: a faint texture then fills the networks' range instead of a sliver of [-1, 1], so the noise at
+t_s does not drown it) and the Gaussian smoothing of the map before the top-k score.
 """
 
 from __future__ import annotations
@@ -10,9 +15,10 @@ import json
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .schedule import LinearNoiseSchedule, ScheduleConfig
+from .schedule import LinearNoiseSchedule, ScheduleConfig, clamp
 from .segmentation import SegmentationConfig, SegmentationNet
 from .unet import UNet, UNetConfig
 
@@ -30,8 +36,21 @@ class ModelConfig:
     w: float = 1.0
     top_k: int = 50
     noise_seed: int = 0
+    # x = (image - input_mean) / input_std per channel; empty = 0.5 and 0.5, the classic [-1, 1] scaling.
+    input_mean: tuple[float, ...] = ()
+    input_std: tuple[float, ...] = ()
+    map_sigma: float = 0.0      # Gaussian smoothing of the map (pixels) before the score; 0 = none
 
     def __post_init__(self):
+        self.input_mean = tuple(float(v) for v in self.input_mean) or (0.5,) * self.in_channels
+        self.input_std = tuple(float(v) for v in self.input_std) or (0.5,) * self.in_channels
+        if len(self.input_mean) != self.in_channels or len(self.input_std) != self.in_channels:
+            raise ValueError(f"input_mean and input_std need {self.in_channels} value(s), "
+                             f"got {self.input_mean} and {self.input_std}")
+        if min(self.input_std) <= 0:
+            raise ValueError(f"input_std must be positive, got {self.input_std}")
+        if self.map_sigma < 0:
+            raise ValueError(f"map_sigma must be >= 0, got {self.map_sigma}")
         # Keep the sub-configs consistent with the image: one source of truth for size and channels.
         self.unet.in_channels = self.in_channels
         self.unet.image_size = self.image_size
@@ -56,6 +75,8 @@ class ModelConfig:
         seg = d.pop("segmentation")
         seg = SegmentationConfig(**{**seg, "channel_mults": tuple(seg["channel_mults"])})
         schedule = ScheduleConfig(**d.pop("schedule"))
+        for key in ("input_mean", "input_std"):  # JSON has lists; files from before these fields lack them
+            d[key] = tuple(d.get(key, ()))
         return cls(unet=unet, segmentation=seg, schedule=schedule, **d)
 
 
@@ -65,6 +86,22 @@ def fixed_noise(config: ModelConfig) -> torch.Tensor:
     return torch.randn(2, config.in_channels, config.image_size, config.image_size, generator=g)
 
 
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """A normalised 1-D Gaussian of radius round(4 sigma) (at least 1 tap each side)."""
+    radius = max(1, int(4.0 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+def smooth_map(anomaly_map: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of [N, 1, H, W] with reflected borders: each image on its own."""
+    r = kernel.numel() // 2
+    x = F.pad(anomaly_map, (r, r, 0, 0), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = F.pad(x, (0, 0, r, r), mode="reflect")
+    return F.conv2d(x, kernel.view(1, 1, -1, 1))
+
 class DiffusionAD(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -73,6 +110,12 @@ class DiffusionAD(nn.Module):
         self.segmentation = SegmentationNet(config.segmentation)
         self.schedule = LinearNoiseSchedule(config.schedule)
         self.register_buffer("noise", fixed_noise(config))
+        # Derived from the configuration (stored with it), so not saved as weights.
+        shape = (1, config.in_channels, 1, 1)
+        self.register_buffer("input_mean", torch.tensor(config.input_mean).view(shape), persistent=False)
+        self.register_buffer("input_std", torch.tensor(config.input_std).view(shape), persistent=False)
+        kernel = gaussian_kernel(config.map_sigma) if config.map_sigma > 0 else torch.ones(1)
+        self.register_buffer("map_kernel", kernel, persistent=False)
 
     def _apply(self, fn, recurse=True):
         # model.to(device) moves parameters and buffers; the schedule's tables follow the device (not the
@@ -82,8 +125,17 @@ class DiffusionAD(nn.Module):
         return self
 
     # --- inference -------------------------------------------------------------------------------
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the networks' units: (image - input_mean) / input_std per channel."""
+        return (images - self.input_mean) / self.input_std
+
+    @property
+    def pixel_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The valid pixel range [0, 1] in the networks' units, per channel: reconstructions are clipped to it."""
+        return (0.0 - self.input_mean) / self.input_std, (1.0 - self.input_mean) / self.input_std
+
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Norm-guided one-step reconstruction of x in [-1, 1]; both UNet passes in one batched call."""
+        """Norm-guided one-step reconstruction of x (normalised); both UNet passes in one batched call."""
         cfg, n = self.config, x.shape[0]
         sched = self.schedule
         x_ts = sched.q_sample(x, cfg.t_s, self.noise[0:1].expand_as(x))
@@ -92,12 +144,19 @@ class DiffusionAD(nn.Module):
         t = torch.cat([torch.full((n,), cfg.t_s, device=x.device), torch.full((n,), cfg.t_l, device=x.device)])
         eps = self.unet(torch.cat([x_ts, x_tl]), t)
         x0_s = sched.predict_x0(x_ts, cfg.t_s, eps[:n])
-        x0_l = sched.predict_x0(x_tl, cfg.t_l, eps[n:]).clamp(-1.0, 1.0)
-        return sched.guided_x0(x0_s, x0_l, cfg.t_s, cfg.w)
+        x0_l = clamp(sched.predict_x0(x_tl, cfg.t_l, eps[n:]), self.pixel_bounds)
+        return sched.guided_x0(x0_s, x0_l, cfg.t_s, cfg.w, self.pixel_bounds)
 
     def segment(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-        """Anomaly logits [N, 1, H, W] for images and their reconstructions, both in [-1, 1]."""
+        """Anomaly logits [N, 1, H, W] for images and their reconstructions, both normalised."""
         return self.segmentation(torch.cat([x, reconstruction], dim=1))
+
+    def anomaly_map(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """The map in [0, 1]: the segmentation's sigmoid, smoothed with map_sigma."""
+        anomaly_map = torch.sigmoid(self.segment(x, reconstruction))
+        if self.config.map_sigma > 0:
+            anomaly_map = smooth_map(anomaly_map, self.map_kernel)
+        return anomaly_map
 
     def score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """Image score: the mean of the top-k map values."""
@@ -105,8 +164,8 @@ class DiffusionAD(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [N, C, H, W] in [0, 1] -> (anomaly map [N, 1, H, W] in [0, 1], score [N])."""
-        x = images * 2.0 - 1.0
-        anomaly_map = torch.sigmoid(self.segment(x, self.reconstruct(x)))
+        x = self.normalize(images)
+        anomaly_map = self.anomaly_map(x, self.reconstruct(x))
         return anomaly_map, self.score(anomaly_map)
 
     # --- iterative reconstruction, for comparison ------------------------------------------------
@@ -118,7 +177,7 @@ class DiffusionAD(nn.Module):
         steps = sched.ddim_timesteps(cfg.t_s, num_steps)
         for t, t_prev in zip(steps, steps[1:] + [-1], strict=True):
             eps = self.unet(x_t, torch.full((x.shape[0],), t, device=x.device))
-            x_t = sched.ddim_step(x_t, t, t_prev, eps)
+            x_t = sched.ddim_step(x_t, t, t_prev, eps, self.pixel_bounds)
         return x_t
 
     @torch.no_grad()
@@ -129,5 +188,6 @@ class DiffusionAD(nn.Module):
         x_t = sched.q_sample(x, cfg.t_s, self.noise[0:1].expand_as(x))
         for t in range(cfg.t_s, -1, -1):
             eps = self.unet(x_t, torch.full((x.shape[0],), t, device=x.device))
-            x_t = sched.ancestral_step(x_t, t, eps, torch.randn(x.shape, generator=g, device=x.device))
+            noise = torch.randn(x.shape, generator=g, device=x.device)
+            x_t = sched.ancestral_step(x_t, t, eps, noise, self.pixel_bounds)
         return x_t

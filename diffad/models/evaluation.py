@@ -52,7 +52,7 @@ Reconstruction = Callable[[torch.Tensor], torch.Tensor]
 
 
 def reconstruction_method(model: DiffusionAD, method: str, steps: int | None = None) -> Reconstruction | None:
-    """A reconstruction of x in [-1, 1] by name: "one-step" (None: the model's own forward, norm-guided),
+    """A reconstruction of x (normalised) by name: "one-step" (None: the model's own forward, norm-guided),
     "ddim" (DDIM from t_s in `steps` UNet passes) or "ancestral" (DDPM from t_s, t_s + 1 passes)."""
     if method == "one-step":
         return None
@@ -69,13 +69,13 @@ def pipeline(model: DiffusionAD, images: torch.Tensor, reconstruct: Reconstructi
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """DiffusionAD.forward with another reconstruction: the same segmentation, sigmoid and top-k score.
 
-    images [N, C, H, W] in [0, 1]; reconstruct maps x in [-1, 1] to its reconstruction in [-1, 1]
-    (None: the norm-guided one-step rule, i.e. exactly model(images)).
+    images [N, C, H, W] in [0, 1]; reconstruct maps x (normalised, model.normalize) to its reconstruction
+    in the same units (None: the norm-guided one-step rule, i.e. exactly model(images)).
     """
     if reconstruct is None:
         return model(images)
-    x = images * 2.0 - 1.0
-    anomaly_map = torch.sigmoid(model.segment(x, reconstruct(x)))
+    x = model.normalize(images)
+    anomaly_map = model.anomaly_map(x, reconstruct(x))
     return anomaly_map, model.score(anomaly_map)
 
 
@@ -97,11 +97,14 @@ def predict(model: DiffusionAD, images: np.ndarray, batch_size: int = 8, desc: s
 
 
 def evaluate(model: DiffusionAD, data_dir: str | Path, batch_size: int = 8, calibration: str = "auto",
-             quantile: float = 0.99, progress: bool = True) -> tuple[dict, Calibration | None]:
+             quantile: float = 0.99, progress: bool = True, held_out: list[Path] | None = None
+             ) -> tuple[dict, Calibration | None]:
     """The five metrics on data_dir's test set, and a calibrated threshold.
 
-    calibration: "auto" uses validation/good when the category has it (a quantile of good scores), else
-    the F1-optimal threshold on the test set; "f1", "quantile" force one; "none" skips it.
+    calibration: "auto" takes a quantile of good images' scores that training never saw: validation/good
+    when the category has it, else the images the run held out of train/good (`held_out`); only without
+    either, the F1-optimal threshold on the test set (which looks at test labels: a warning says so).
+    "f1", "quantile" force one; "none" skips it.
     """
     cfg = model.config
     samples = find_test_samples(data_dir)
@@ -123,12 +126,16 @@ def evaluate(model: DiffusionAD, data_dir: str | Path, batch_size: int = 8, cali
         "inference_images_per_s": round(len(samples) / seconds, 2),
     })
 
-    validation = find_validation_images(data_dir)
+    validation = find_validation_images(data_dir) or [Path(p) for p in held_out or [] if Path(p).is_file()]
     method = calibration if calibration != "auto" else ("quantile" if validation else "f1")
+    if method == "f1":
+        log.warning("threshold from the test set's labels (F1-optimal): no good images were kept out of "
+                    "training (validation/good, or a run's held-out images)")
     result = None
     if method == "quantile":
         if not validation:
-            raise ValueError(f"quantile calibration needs good images in {Path(data_dir) / 'validation' / 'good'}")
+            raise ValueError(f"quantile calibration needs good images in {Path(data_dir) / 'validation' / 'good'} "
+                             "or images a run held out of training")
         val_images = np.stack([read_image(p, size, channels) for p in validation])
         _, val_scores = predict(model, val_images, batch_size, "calibrating", progress)
         result = Calibration(threshold_from_quantile(val_scores, quantile), f"quantile {quantile}",
@@ -151,8 +158,11 @@ def evaluate_run(path: str | Path, data_dir: str | Path, json_path: str | Path |
     """Evaluate a run folder (or model file), store its calibration beside it, write the JSON."""
     path = Path(path)
     model = ckpt.load_model(path)
-    metrics, cal = evaluate(model, data_dir, batch_size, calibration, quantile, progress)
     run_dir = path if path.is_dir() else path.parent
+    held_out = None
+    if (run_dir / ckpt.CONFIG_FILE).is_file():
+        held_out = json.loads((run_dir / ckpt.CONFIG_FILE).read_text()).get("held_out_images")
+    metrics, cal = evaluate(model, data_dir, batch_size, calibration, quantile, progress, held_out)
     if cal is not None:
         (run_dir / CALIBRATION_FILE).write_text(json.dumps(cal.to_dict(), indent=2))
         log.info("threshold %.4f (%s) saved to %s", cal.threshold, cal.method, run_dir / CALIBRATION_FILE)

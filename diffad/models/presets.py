@@ -10,12 +10,17 @@ from .segmentation import SegmentationConfig
 from .unet import UNetConfig
 
 PRESET_NAMES = ("tiny", "small", "paper")
-PAPER_IMAGE_SIZE, PAPER_TOP_K = 256, 50
+PAPER_IMAGE_SIZE, PAPER_TOP_K, PAPER_MAP_SIGMA = 256, 50, 4.0
 
 
 def top_k_for(image_size: int) -> int:
     """The paper's k = 50 at 256 x 256, scaled with the image area so it covers the same fraction."""
     return max(1, round(PAPER_TOP_K * (image_size / PAPER_IMAGE_SIZE) ** 2))
+
+
+def map_sigma_for(image_size: int) -> float:
+    """The paper's smoothing (sigma 4 at 256 px), scaled with the image side."""
+    return round(PAPER_MAP_SIGMA * image_size / PAPER_IMAGE_SIZE, 3)
 
 
 def preset(name: str, image_size: int | None = None, in_channels: int = 3) -> ModelConfig:
@@ -41,7 +46,7 @@ def preset(name: str, image_size: int | None = None, in_channels: int = 3) -> Mo
     else:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
     return ModelConfig(name=name, image_size=size, in_channels=in_channels, unet=unet, segmentation=seg,
-                       top_k=top_k_for(size))
+                       top_k=top_k_for(size), map_sigma=map_sigma_for(size))
 
 
 def count_parameters(module: torch.nn.Module) -> int:

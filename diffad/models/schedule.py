@@ -20,6 +20,18 @@ class ScheduleConfig:
     beta_end: float = 0.02
 
 
+# The valid pixel range in the model's units: two floats, or two tensors broadcasting per channel.
+Bounds = tuple[torch.Tensor | float, torch.Tensor | float]
+
+
+def clamp(x: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+    """x clipped to bounds; tensor bounds ([1, C, 1, 1]) clip each channel to its own range."""
+    low, high = bounds
+    if torch.is_tensor(low):
+        return torch.maximum(torch.minimum(x, high.to(x.dtype)), low.to(x.dtype))
+    return x.clamp(low, high)
+
+
 def _per_sample(values: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
     """values[t] shaped to broadcast against an image batch like `like`."""
     if not torch.is_tensor(t):
@@ -68,14 +80,16 @@ class LinearNoiseSchedule:
         """lambda = w (1 - alpha_bar_{t_s}): how far the guided result moves toward x0_l."""
         return w * (1.0 - _per_sample(self.alpha_bar, t_s, like))
 
-    def guided_x0(self, x0_s: torch.Tensor, x0_l: torch.Tensor, t_s: torch.Tensor | int, w: float) -> torch.Tensor:
+    def guided_x0(self, x0_s: torch.Tensor, x0_l: torch.Tensor, t_s: torch.Tensor | int, w: float,
+                  clip: Bounds = (-1.0, 1.0)) -> torch.Tensor:
         """Norm-guided one-step reconstruction, blend form: clip((1 - lambda) x0_s + lambda x0_l).
 
         x0_l is the (clipped) one-step prediction from the large step t_l: it has lost the anomaly
         but also detail; x0_s from the small step t_s keeps detail but may keep the anomaly too.
+        `clip` is the valid pixel range in the model's units ([-1, 1], or per channel once standardised).
         """
         lam = self.guidance_weight(t_s, w, x0_s)
-        return ((1.0 - lam) * x0_s + lam * x0_l).clamp(-1.0, 1.0)
+        return clamp((1.0 - lam) * x0_s + lam * x0_l, clip)
 
     def guided_eps(
         self, x_ts: torch.Tensor, eps_s: torch.Tensor, x0_l: torch.Tensor, t_s: torch.Tensor | int, w: float
@@ -97,18 +111,20 @@ class LinearNoiseSchedule:
         ts = np.linspace(t_start, 0, num_steps).round().astype(int)
         return sorted(set(ts.tolist()), reverse=True)
 
-    def ddim_step(self, x_t: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor) -> torch.Tensor:
+    def ddim_step(self, x_t: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor,
+                  clip: Bounds = (-1.0, 1.0)) -> torch.Tensor:
         """Deterministic DDIM (eta = 0) from t to t_prev; t_prev = -1 returns the clean estimate."""
-        x0 = self.predict_x0(x_t, t, eps).clamp(-1.0, 1.0)
+        x0 = clamp(self.predict_x0(x_t, t, eps), clip)
         if t_prev < 0:
             return x0
         eps = self.predict_eps(x_t, t, x0)
         a_prev = float(self.alpha_bar[t_prev])
         return a_prev**0.5 * x0 + (1.0 - a_prev) ** 0.5 * eps
 
-    def ancestral_step(self, x_t: torch.Tensor, t: int, eps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def ancestral_step(self, x_t: torch.Tensor, t: int, eps: torch.Tensor, noise: torch.Tensor,
+                       clip: Bounds = (-1.0, 1.0)) -> torch.Tensor:
         """One DDPM step: sample x_{t-1} from the posterior q(x_{t-1} | x_t, x0_hat)."""
-        x0 = self.predict_x0(x_t, t, eps).clamp(-1.0, 1.0)
+        x0 = clamp(self.predict_x0(x_t, t, eps), clip)
         if t == 0:
             return x0
         a, a_prev, beta = float(self.alpha_bar[t]), float(self.alpha_bar_prev[t]), float(self.betas[t])
