@@ -12,10 +12,12 @@ from scipy import ndimage
 from diffad.models.synthesis import (
     AnomalySynthesizer,
     SynthesisConfig,
+    blur_source,
     estimate_foreground,
     perlin_mask,
     perlin_noise,
     procedural_texture,
+    restyle_source,
     self_augmentation_source,
     smudge_source,
 )
@@ -167,7 +169,7 @@ def test_empty_foreground_gives_no_anomaly() -> None:
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("source", ["self", "smudge", "procedural"])
+@pytest.mark.parametrize("source", ["self", "smudge", "blur", "restyle", "procedural"])
 def test_changes_only_inside_mask(channels: int, source: str) -> None:
     image, _ = disc_image(channels)
     synth = AnomalySynthesizer(SynthesisConfig(sources=(source,)))
@@ -243,7 +245,7 @@ def test_opacity_blend_relation() -> None:
         assert source.min() >= 0.0 and source.max() <= 1.0 + 1e-5
         assert source.std() > 0.05  # a real texture went in, not a constant
 
-    # The default range: beta recovered from the same relation lies in [0.2, 0.8) and varies.
+    # The default range: beta recovered from the same relation lies in [0.1, 0.8) and varies.
     synth = AnomalySynthesizer(SynthesisConfig(sources=("procedural",), foreground="none"))
     betas = []
     for seed in range(10):
@@ -252,7 +254,7 @@ def test_opacity_blend_relation() -> None:
         diff = (out_ones - out_zeros)[mask.astype(bool)]
         np.testing.assert_allclose(diff, diff.flat[0], atol=1e-5)  # one beta per sample
         betas.append(1.0 - float(diff.flat[0]))
-    assert 0.2 - 1e-5 <= min(betas) and max(betas) < 0.8 + 1e-5
+    assert 0.1 - 1e-5 <= min(betas) and max(betas) < 0.8 + 1e-5
     assert np.std(betas) > 0.02
 
 
@@ -333,7 +335,7 @@ def test_smudge_masks_are_blobs_not_speckle() -> None:
 
 def test_texture_dir_adds_texture_source(texture_dir) -> None:
     synth = AnomalySynthesizer(SynthesisConfig(texture_dir=str(texture_dir)))
-    assert set(synth.sources) == {"self", "procedural", "texture"}
+    assert set(synth.sources) == {*SynthesisConfig().sources, "texture"}
 
 
 def test_empty_texture_dir_is_an_error(tmp_path) -> None:
@@ -394,3 +396,43 @@ def test_procedural_texture_is_not_smooth(channels: int) -> None:
         grey = texture.mean(axis=2)
         assert grey.std() > 0.04
         assert np.abs(ndimage.laplace(grey, mode="nearest")).mean() > 0.015
+
+
+def _texture(size: int = 64, seed: int = 0) -> np.ndarray:
+    """A fine grey texture around 0.5: what DAGM-like surfaces look like."""
+    rng = np.random.default_rng(seed)
+    return np.clip(0.5 + 0.1 * rng.standard_normal((size, size, 1)), 0, 1).astype(np.float32)
+
+
+def _local_energy(image: np.ndarray) -> float:
+    return float(np.abs(image[..., 0] - ndimage.gaussian_filter(image[..., 0], 2.0)).mean())
+
+
+def test_blur_keeps_brightness_and_removes_texture() -> None:
+    texture = _texture()
+    for seed in range(5):
+        source = blur_source(texture, np.random.default_rng(seed))
+        assert abs(float(source.mean() - texture.mean())) < 0.01  # brightness kept
+        assert _local_energy(source) < 0.7 * _local_energy(texture)  # texture energy down, as real defects
+    synth = AnomalySynthesizer(SynthesisConfig(sources=("blur",), foreground="none"))
+    out, mask, made = synth(texture, np.random.default_rng(3), force=True)
+    inside = mask.astype(bool)
+    assert made and inside.any()
+    np.testing.assert_array_equal(out[~inside], texture[~inside])
+    assert abs(float(out[inside].mean() - texture[inside].mean())) < 0.02
+
+
+def test_restyle_takes_the_images_mean_and_contrast() -> None:
+    texture = _texture()
+    foreign = np.random.default_rng(1).random((64, 64, 1)).astype(np.float32) * 0.2 + 0.7  # bright, flat-ish
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        out = restyle_source(texture, foreign, rng)
+        factor = np.random.default_rng(seed).uniform(0.5, 2.0)
+        assert float(out.mean()) == pytest.approx(float(texture.mean()), abs=0.01)
+        assert float(out.std()) == pytest.approx(float(texture.std()) * factor, rel=0.05)
+        # the pattern is the foreign one, not the image's
+        assert np.corrcoef(out.ravel(), foreign.ravel())[0, 1] > 0.95
+    synth = AnomalySynthesizer(SynthesisConfig(sources=("restyle",), foreground="none"))
+    out, mask, made = synth(texture, np.random.default_rng(0), force=True)
+    assert made and not np.array_equal(out, texture)

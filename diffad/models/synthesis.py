@@ -6,10 +6,13 @@ An anomaly is made from a good image in three steps:
    object (foreground) so that defects do not land on the empty background;
 2. an anomaly *source* image: a strip-shuffled, photometrically altered copy of the image itself
    ("self"), a blurred, darkened or lightened copy of it ("smudge": stains, wear, dirt, an out-of-focus
-   spot, whose texture fades out instead of changing), a texture generated in code ("procedural"), or a
-   texture file ("texture");
+   spot), the image with its texture smoothed away but its local brightness kept ("blur": polished,
+   worn or blurred patches, as DAGM's defects are), a self or procedural source re-standardised to the
+   image's own mean and contrast ("restyle": a foreign structure that does not stand out by brightness),
+   a texture generated in code ("procedural"), or a texture file ("texture");
 3. the blend ``out = (1 - m) * image + m * ((1 - beta) * image + beta * source)`` with a random
-   opacity ``beta``; a smudge's opacity fades towards the mask's border (a stain has no sharp edge).
+   opacity ``beta``; a smudge's or blur's opacity reaches 1 inside and fades towards the mask's border
+   (such defects have no sharp edge).
 
 Everything is NumPy (plus scipy / scikit-image / Pillow) and every random choice comes from the
 ``numpy.random.Generator`` passed in, so a seed reproduces a sample exactly.
@@ -35,11 +38,17 @@ __all__ = [
     "estimate_foreground",
     "self_augmentation_source",
     "smudge_source",
+    "blur_source",
+    "restyle_source",
     "procedural_texture",
     "parse_sources",
 ]
 
-KNOWN_SOURCES = ("self", "smudge", "procedural", "texture")
+KNOWN_SOURCES = ("self", "smudge", "blur", "restyle", "procedural", "texture")
+# Sources painted as soft-edged blobs: coarse Perlin masks, opacity feathered towards the border.
+_SOFT_SOURCES = ("smudge", "blur")
+# Their opacity deep inside the blob: up to fully replaced.
+_SOFT_OPACITY = (0.5, 1.0)
 TEXTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 # A new Perlin mask is drawn this many times at most before giving up on an anomaly.
@@ -56,8 +65,10 @@ class SynthesisConfig:
     min_scale_log2: int = 0  # Perlin scales per axis drawn from 2**min .. 2**max (inclusive)
     max_scale_log2: int = 5
     threshold: float = 0.5  # Perlin noise > threshold -> anomaly
-    opacity_range: tuple[float, float] = (0.2, 0.8)  # beta ~ U[low, high)
-    sources: tuple[str, ...] = ("self", "procedural")  # which sources to draw from, uniformly ("smudge": opt in)
+    opacity_range: tuple[float, float] = (0.1, 0.8)  # beta ~ U[low, high) (soft sources: _SOFT_OPACITY)
+    # Which sources to draw from, uniformly; "smudge" opt in. blur and restyle: faint, brightness-keeping
+    # defects like the real ones (README, "Synthetic anomalies").
+    sources: tuple[str, ...] = ("self", "procedural", "blur", "restyle")
     texture_dir: str | None = None  # optional folder of texture images; adds source "texture"
     foreground: str = "auto"  # "auto" (estimate) or "none" (whole image, for textures)
     min_mask_fraction: float = 0.001  # retry when the mask inside the foreground is smaller
@@ -306,6 +317,31 @@ def smudge_source(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out * gain, 0.0, 1.0).astype(np.float32)
 
 
+def blur_source(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image with its fine texture attenuated around the local mean: brightness kept, texture gone.
+
+    out = local_mean + a * (image - local_mean), a ~ U[0, 0.6): a polished, worn or out-of-focus patch
+    changes the texture's energy, not its mean brightness.
+    """
+    image = _as_hwc(image)
+    sigma = rng.uniform(0.01, 0.05) * min(image.shape[:2]) + 0.5
+    local_mean = ndimage.gaussian_filter(image, sigma=(sigma, sigma, 0))
+    return np.clip(local_mean + rng.uniform(0.0, 0.6) * (image - local_mean), 0.0, 1.0).astype(np.float32)
+
+
+def restyle_source(image: np.ndarray, source: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`source` re-standardised per channel to the image's mean and std (the std times U[0.5, 2)).
+
+    A foreign structure at the image's own brightness and contrast: the network must see the pattern,
+    not a brightness step.
+    """
+    image, source = _as_hwc(image), _as_hwc(source)
+    axes = (0, 1)
+    z = (source - source.mean(axes)) / np.maximum(source.std(axes), 1e-3)
+    out = image.mean(axes) + z * image.std(axes) * rng.uniform(0.5, 2.0)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
 def _feathered(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Opacity weights in [0, 1]: 1 deep inside the mask, falling towards its border, 0 outside."""
     sigma = rng.uniform(0.005, 0.02) * min(mask.shape) + 0.5
@@ -540,7 +576,7 @@ class AnomalySynthesizer:
         region = self._foreground(image, foreground)
         name = self.sources[int(rng.integers(0, len(self.sources)))]
         mask_config = self.config
-        if name == "smudge":
+        if name in _SOFT_SOURCES:
             # A stain is a blob: fine-scale speckle would fade to nothing visible and teach false alarms.
             coarsest = min(self.config.max_scale_log2, _SMUDGE_MAX_SCALE_LOG2)
             mask_config = replace(self.config, max_scale_log2=max(coarsest, self.config.min_scale_log2))
@@ -553,9 +589,10 @@ class AnomalySynthesizer:
             return unchanged
 
         source = self._source(name, image, rng)
-        beta = rng.uniform(*self.config.opacity_range)
-        if name == "smudge":
-            beta = beta * _feathered(mask, rng)[..., None]
+        if name in _SOFT_SOURCES:
+            beta = rng.uniform(*_SOFT_OPACITY) * _feathered(mask, rng)[..., None]
+        else:
+            beta = rng.uniform(*self.config.opacity_range)
         blended = (1.0 - beta) * image + beta * source
         # np.where keeps pixels outside the mask bit-identical to the input.
         augmented = np.where(mask[..., None], np.clip(blended, 0.0, 1.0), image).astype(np.float32)
@@ -577,6 +614,12 @@ class AnomalySynthesizer:
             return self_augmentation_source(image, rng)
         if name == "smudge":
             return smudge_source(image, rng)
+        if name == "blur":
+            return blur_source(image, rng)
+        if name == "restyle":
+            if rng.random() < 0.5:
+                return restyle_source(image, self_augmentation_source(image, rng), rng)
+            return restyle_source(image, procedural_texture(image.shape, rng), rng)
         if name == "procedural":
             return procedural_texture(image.shape, rng)
         return self._texture(image.shape, rng)
