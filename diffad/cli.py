@@ -66,9 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("train", help="train a model on a folder of good images",
                          description="Train the reconstruction UNet and the segmentation network jointly on "
-                         "good images, with synthetic anomalies made on the fly (offline: self-augmentation "
-                         "and procedural textures). Writes config.json, checkpoints/, model.safetensors, "
-                         "train_log.jsonl and train_summary.json into RUN_DIR.")
+                         "good images, with synthetic anomalies made on the fly (offline: self-augmentation, "
+                         "blurred and restyled patches, procedural textures). A weights average (EMA) is scored "
+                         "every --validate-every steps on good images kept out of training (validation/good, "
+                         "else a held-out share of train/good) with fixed synthetic anomalies; the best is kept "
+                         "and its t_s chosen on the same images (test labels are never used). Writes "
+                         "config.json, checkpoints/, best.safetensors, model.safetensors, train_log.jsonl, "
+                         "validation_log.jsonl and train_summary.json into RUN_DIR.")
     p.add_argument("data_dir", metavar="DATA_DIR", help="MVTec-layout category or plain folder of good images")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for checkpoints and the model")
     p.add_argument("--preset", choices=("tiny", "small", "paper"), default="small",
@@ -91,11 +95,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anomaly-sources", metavar="LIST",
                    help="what synthetic anomalies are filled with, comma-separated: self (the image, altered "
                    "and shuffled), smudge (the image blurred and darkened or lightened, soft-edged: stains, "
-                   "wear), procedural (generated textures); default self,procedural")
+                   "wear), blur (texture smoothed away, brightness kept), restyle (a foreign pattern at the "
+                   "image's own mean and contrast), procedural (generated textures); default "
+                   "self,procedural,blur,restyle")
     p.add_argument("--texture-dir", help="optional folder of texture images as an extra anomaly source")
     p.add_argument("--workers", type=int, default=1, help="data-loading worker processes (default 1)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=250, help="steps between checkpoints")
-    p.add_argument("--no-bf16", action="store_true", help="train in float32 (bf16 autocast is the default)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto (default): bf16 autocast only where the CPU (AVX512-BF16, AMX) or GPU computes bf16 "
+                   "natively, fp32 elsewhere (emulated bf16 is 25-85x slower); the log says which it chose")
+    p.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32",
+                   help="the same as --precision fp32")
+    p.add_argument("--crop", type=int, metavar="N",
+                   help="train on random N-px crops of the input (a multiple of 16 for small; inference stays on "
+                   "the whole image): more distinct samples per step for the same compute; default: the "
+                   "preset's (small: 64 px, 4 per image), 0: whole images")
+    p.add_argument("--crops-per-image", type=_positive_int, metavar="K",
+                   help="crops taken from each image per step, each with its own synthetic anomaly (default: the "
+                   "preset's with its crop, else 1)")
+    p.add_argument("--ema-decay", type=float, default=0.995,
+                   help="decay of the weights' moving average that is validated and kept (default 0.995; 0: off)")
+    p.add_argument("--validation-fraction", type=float, default=0.1,
+                   help="share of train/good held out (with synthetic anomalies) to choose the checkpoint and "
+                   "t_s when the category has no validation/good (default 0.1; 0: none)")
+    p.add_argument("--validate-every", type=_positive_int, default=100, help="steps between validations (default 100)")
+    p.add_argument("--no-standardize", action="store_true",
+                   help="scale images to [-1, 1] instead of standardising them by the training images' mean and std")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the networks train")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
 
@@ -255,16 +280,21 @@ def _train(args) -> int:
     import dataclasses
 
     from .models.synthesis import SynthesisConfig, parse_sources
-    from .models.training import LEARNING_RATES, TrainConfig, train, training_device
+    from .models.training import LEARNING_RATES, TrainConfig, crop_setting, train, training_device
 
     if args.max_steps is None and args.max_minutes is None:
         raise ValueError("give a budget: --max-steps, --max-minutes or both")
+    if args.crop is not None and args.crop < 0:
+        raise ValueError(f"--crop must be 0 (whole images) or a positive size, got {args.crop}")
+    crop, crops_per_image = crop_setting(args.preset, args.crop, args.crops_per_image)
     unet_lr, seg_lr = LEARNING_RATES[args.preset]
     cfg = TrainConfig(
         batch_size=args.batch_size, unet_lr=args.unet_lr or unet_lr, segmentation_lr=args.seg_lr or seg_lr,
         max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed, workers=args.workers,
-        lr_schedule=args.lr_schedule, checkpoint_every=args.checkpoint_every, bf16=not args.no_bf16,
-        device=training_device(args.device),
+        lr_schedule=args.lr_schedule, checkpoint_every=args.checkpoint_every, precision=args.precision,
+        device=training_device(args.device), crop=crop, crops_per_image=crops_per_image,
+        ema_decay=args.ema_decay, validation_fraction=args.validation_fraction, validate_every=args.validate_every,
+        standardize=not args.no_standardize,
         synthesis=dataclasses.replace(SynthesisConfig(), foreground=args.foreground, texture_dir=args.texture_dir,
                                       sources=parse_sources(args.anomaly_sources)),
     )

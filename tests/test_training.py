@@ -24,7 +24,8 @@ def category(tmp_path_factory):
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    values = dict(batch_size=4, unet_lr=2e-3, segmentation_lr=2e-3, workers=0, checkpoint_every=2, log_every=2)
+    values = dict(batch_size=4, unet_lr=2e-3, segmentation_lr=2e-3, workers=0, checkpoint_every=2, log_every=2,
+                  validate_every=2)
     return TrainConfig(**{**values, **overrides})
 
 
@@ -177,3 +178,188 @@ def test_time_budget_stops_training(category, tmp_path):
                     progress=False)
     assert 0 < summary["steps"] < 10_000
     assert summary["train_seconds"] < 30
+
+
+# --- precision, crops, averaging, BatchNorm, validation ------------------------------------------------
+def test_precision_follows_the_capability_check(monkeypatch):
+    from diffad.models import training
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(training, "native_bf16", lambda device: False)
+    assert training.choose_precision("auto", cpu)[0] == "fp32"
+    precision, why = training.choose_precision("bf16", cpu)
+    assert precision == "bf16" and "emulates" in why  # forced, with the warning in the log line
+    monkeypatch.setattr(training, "native_bf16", lambda device: True)
+    assert training.choose_precision("auto", cpu) == ("bf16", "this CPU computes bf16 natively")
+    assert training.choose_precision("fp32", cpu)[0] == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        training.choose_precision("fp16", cpu)
+
+
+def test_native_bf16_asks_onednn_on_the_cpu(monkeypatch):
+    from diffad.models import training
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert training.native_bf16(torch.device("cpu")) is False
+
+
+def test_training_log_and_summary_name_the_precision(category, tmp_path, monkeypatch):
+    from diffad.models import training
+
+    monkeypatch.setattr(training, "native_bf16", lambda device: False)
+    summary = train(category, tmp_path / "run", "tiny", train_config=tiny_config(max_steps=2), progress=False)
+    assert summary["precision"] == "fp32" and "no native bf16" in summary["precision_reason"]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["precision"] == "auto"  # what was asked: a resume elsewhere checks again
+
+
+def test_crops_cut_image_mask_and_foreground_together():
+    from diffad.models.synthesis import AnomalySynthesizer, SynthesisConfig
+    from diffad.models.training import SyntheticAnomalyDataset
+
+    rng = np.random.default_rng(0)
+    images = rng.random((3, 32, 32, 1)).astype(np.float32)
+    foregrounds = np.zeros((3, 32, 32), bool)
+    foregrounds[:, :, :16] = True  # anomalies may only land on the left half
+    synth = AnomalySynthesizer(SynthesisConfig(probability=1.0, foreground="auto", sources=("self",)))
+    dataset = SyntheticAnomalyDataset(images, foregrounds, synth, crop=16, crops=4)
+    crops, masks, flags = dataset[(1, 123)]
+    assert crops.shape == (4, 1, 16, 16) and masks.shape == (4, 1, 16, 16) and flags.shape == (4,)
+    for crop, mask in zip(crops.numpy(), masks.numpy(), strict=True):
+        # every crop is a window of image 1, and outside its mask it is untouched
+        windows = np.lib.stride_tricks.sliding_window_view(images[1, :, :, 0], (16, 16))
+        match = (np.abs(windows - crop[0]) * (1 - mask[0]) < 1e-6).all(axis=(2, 3))
+        assert match.any()
+        top, left = np.argwhere(match)[0]
+        allowed = foregrounds[1, top:top + 16, left:left + 16]
+        assert not (mask[0].astype(bool) & ~allowed).any() or not allowed.any()
+    again = dataset[(1, 123)]
+    assert torch.equal(again[0], crops)  # the item's seed fixes crops and anomalies
+    with pytest.raises(ValueError, match="crop"):
+        SyntheticAnomalyDataset(images, foregrounds, synth, crop=40)
+
+
+def test_crop_training_runs_and_infers_on_the_whole_image(category, tmp_path):
+    summary = train(category, tmp_path / "run", "tiny",
+                    train_config=tiny_config(max_steps=2, crop=16, crops_per_image=3), progress=False)
+    assert summary["crop"] == 16 and summary["images_seen"] == 2 * 4 * 3
+    model = ckpt.load_model(tmp_path / "run")
+    anomaly_map, _ = model(torch.rand(1, 1, 32, 32))
+    assert anomaly_map.shape == (1, 1, 32, 32)
+    with pytest.raises(ValueError, match="multiple of"):
+        train(category, tmp_path / "bad", "tiny", train_config=tiny_config(max_steps=1, crop=10), progress=False)
+
+
+def test_ema_averages_parameters_and_copies_buffers():
+    from diffad.models.training import EMA
+
+    model = DiffusionAD(preset("tiny", in_channels=1))
+    ema = EMA(model, decay=0.9)
+    before = [p.clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model.segmentation.encoder[0][1].running_mean.fill_(0.7)
+    ema.update(model, step=1000)  # past the warm-up: decay 0.9
+    for old, new, live in zip(before, ema.model.parameters(), model.parameters(), strict=True):
+        assert torch.allclose(new, 0.9 * old + 0.1 * live, atol=1e-6)
+        assert not new.requires_grad
+    assert torch.equal(ema.model.segmentation.encoder[0][1].running_mean,
+                       model.segmentation.encoder[0][1].running_mean)
+    ema.update(model, step=0)  # warm-up: decay (1 + 0) / 10 = 0.1, mostly the live weights
+    first, live = next(ema.model.parameters()), next(model.parameters())
+    assert torch.allclose(first, live, atol=0.2)
+
+
+def test_batchnorm_reestimation_makes_eval_mode_match_the_good_images():
+    from diffad.models.training import reestimate_batchnorm
+
+    model = perturbed_model()
+    images = np.random.default_rng(0).random((8, 32, 32, 1)).astype(np.float32)
+    batch = torch.from_numpy(images.transpose(0, 3, 1, 2))
+    reestimate_batchnorm(model, images, batch_size=8)  # one batch: the statistics are exactly that batch's
+    assert all(not m.training for m in model.modules())
+    with torch.no_grad():
+        eval_map = model(batch)[0]
+        for m in model.segmentation.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.train()
+        train_map = model(batch)[0]
+    # train mode uses the batch's own (biased) variance, eval the running (unbiased) one: nearly equal
+    assert torch.allclose(eval_map, train_map, atol=2e-2)
+    assert not torch.allclose(perturbed_model()(batch)[0], eval_map, atol=2e-2)  # it did change something
+
+
+def perturbed_model() -> DiffusionAD:
+    from tiny_models import perturbed_tiny_model
+
+    return perturbed_tiny_model(channels=1)
+
+
+def test_validation_set_is_fixed_and_labelled(category):
+    from diffad.models.synthesis import SynthesisConfig
+    from diffad.models.training import holdout_split, make_validation_set
+
+    good = np.random.default_rng(1).random((5, 32, 32, 1)).astype(np.float32)
+    a = make_validation_set(good, None, SynthesisConfig(foreground="none"), "test")
+    b = make_validation_set(good, None, SynthesisConfig(foreground="none"), "test")
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.masks, b.masks)  # same anomalies every run
+    assert a.labels.tolist() == [0, 1] * 5
+    assert (a.masks[a.labels == 0] == 0).all() and all(m.any() for m in a.masks[a.labels == 1])
+    assert np.array_equal(a.images[0], good[0])  # the clean copy is the image itself
+    split = holdout_split(400, 0.1)
+    assert len(split) == 40 and np.array_equal(split, holdout_split(400, 0.1))
+    assert len(holdout_split(2000, 0.1)) == 64 and len(holdout_split(40, 0.1)) == 4
+    assert len(holdout_split(6, 0.1)) == 0 and len(holdout_split(400, 0.0)) == 0
+
+
+def test_training_keeps_the_best_validated_model(category, tmp_path):
+    run = tmp_path / "run"
+    summary = train(category, run, "tiny", train_config=tiny_config(max_steps=6), progress=False)
+    validation = summary["validation"]
+    assert validation["source"].endswith("validation/good") and validation["images"] == 8
+    scores = [v["score"] for v in validation["history"]]
+    assert [v["step"] for v in validation["history"]] == [2, 4, 6]
+    best = max(validation["history"], key=lambda v: v["score"])
+    assert summary["chosen_step"] == best["step"] and validation["chosen"]["score"] == max(scores)
+    assert summary["t_s"] == validation["t_s_selection"]["chosen"]
+    model = ckpt.load_model(run)
+    assert model.config.t_s == summary["t_s"]
+    assert ckpt.read_metadata(run / ckpt.MODEL_FILE)["step"] == str(best["step"])
+    log = [json.loads(line) for line in (run / "validation_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [2, 4, 6]
+
+
+def test_standardization_is_measured_on_the_training_images(category, tmp_path):
+    from diffad.models.data import find_train_images, read_images
+
+    train(category, tmp_path / "run", "tiny", train_config=tiny_config(max_steps=1), progress=False)
+    model = ckpt.load_model(tmp_path / "run")
+    images = read_images(find_train_images(category), 32, 1)
+    assert model.config.input_mean[0] == pytest.approx(images.mean(), abs=1e-4)
+    assert model.config.input_std[0] == pytest.approx(images.std(), abs=1e-4)
+    train(category, tmp_path / "plain", "tiny", train_config=tiny_config(max_steps=1, standardize=False),
+          progress=False)
+    assert ckpt.load_model(tmp_path / "plain").config.input_std == (0.5,)
+
+
+def test_threshold_from_held_out_images_when_there_is_no_validation_folder(tmp_path):
+    data = make_category(tmp_path / "data" / "weave", size=48, num_train=24, num_test_good=4, num_test_defect=2,
+                         num_validation=0)
+    summary = train(data, tmp_path / "run", "tiny", train_config=tiny_config(max_steps=2), progress=False)
+    assert summary["num_train_images"] == 20 and summary["validation"]["source"].startswith("4 images held out")
+    held = json.loads((tmp_path / "run" / "config.json").read_text())["held_out_images"]
+    assert len(held) == 4 and not set(held) & {str(p) for p in summary.get("train_paths", [])}
+    evaluate_run(tmp_path / "run", data, progress=False)
+    calibration = load_calibration(tmp_path / "run")
+    assert calibration.method.startswith("quantile") and calibration.num_images == 4  # no test labels used
+
+
+def test_crop_setting_defaults_by_preset():
+    from diffad.models.training import CROPS, crop_setting
+
+    assert crop_setting("small", None, None) == CROPS["small"]
+    assert crop_setting("small", 0, None) == (None, 1)         # --crop 0: whole images
+    assert crop_setting("small", 32, None) == (32, 1)
+    assert crop_setting("small", None, 2) == (CROPS["small"][0], 2)
+    assert crop_setting("tiny", None, None) == (None, 1)

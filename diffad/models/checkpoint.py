@@ -3,8 +3,8 @@
 Two kinds of file:
 - a model file (`model.safetensors`): the weights and buffers (the fixed noise among them), with the
   model configuration in the file's metadata, so the file alone rebuilds the model;
-- a training state (`checkpoints/step_XXXXXXX.safetensors`): the model, the optimiser's moments and the
-  step, for resuming.
+- a training state (`checkpoints/step_XXXXXXX.safetensors`): the model, its moving average (EMA) when
+  training keeps one, the optimiser's moments and the step, for resuming.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def load_model(path: str | Path) -> DiffusionAD:
         raise CheckpointError(f"{path} has no model configuration in its metadata: not a diffad checkpoint")
     model = DiffusionAD(ModelConfig.from_dict(json.loads(meta["config"])))
     state = _load_tensors(path)
-    weights = {k.removeprefix("model."): v for k, v in state.items() if not k.startswith("optimizer.")}
+    weights = {k.removeprefix("model."): v for k, v in state.items() if not k.startswith(("optimizer.", "ema."))}
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -66,9 +66,11 @@ def load_model(path: str | Path) -> DiffusionAD:
 
 
 def save_training_state(path: str | Path, model: DiffusionAD, optimizer: torch.optim.Optimizer,
-                        step: int, metadata: dict | None = None) -> None:
-    """Model, Adam moments and step: everything needed to continue exactly where training stopped."""
+                        step: int, metadata: dict | None = None, ema: DiffusionAD | None = None) -> None:
+    """Model, EMA, Adam moments and step: everything needed to continue exactly where training stopped."""
     tensors = _tensors(model, "model.")
+    if ema is not None:
+        tensors.update(_tensors(ema, "ema."))
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
         for key, value in state.items():
@@ -83,14 +85,19 @@ def save_training_state(path: str | Path, model: DiffusionAD, optimizer: torch.o
     _atomic_save(tensors, Path(path), meta)
 
 
-def load_training_state(path: str | Path, model: DiffusionAD, optimizer: torch.optim.Optimizer) -> int:
-    """Restore model and optimiser in place; returns the step the state was saved at."""
+def load_training_state(path: str | Path, model: DiffusionAD, optimizer: torch.optim.Optimizer,
+                        ema: DiffusionAD | None = None) -> int:
+    """Restore model, EMA (a state without one starts it from the model) and optimiser in place; returns the
+    step the state was saved at."""
     path = Path(path)
     meta = read_metadata(path)
     if meta.get("format") != "diffad-training-1":
         raise CheckpointError(f"{path} is not a diffad training state (format {meta.get('format')!r})")
     tensors = _load_tensors(path)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        averaged = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        ema.load_state_dict(averaged or model.state_dict())
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):

@@ -1,14 +1,23 @@
 """Joint training of the reconstruction UNet and the segmentation network (DiffusionAD).
 
-One step on a batch of good images, about half of them given a synthetic anomaly:
+One step on a batch of good images (or of random crops of them, several per image), about half of them
+given a synthetic anomaly:
 1. noise every image at a small step t_s ~ U{0..299} and a large one t_l ~ U{300..999}; the UNet
    predicts both noises in one batched call; MSE counts only the images without an anomaly;
 2. the norm-guided one-step reconstruction from the two predictions goes, with the image, into the
    segmentation network: 5 x focal loss (gamma 4) + smooth L1 against the synthetic mask.
+
+Around the loop, what makes the last checkpoint no lottery: an exponential moving average (EMA) of the
+weights; a validation set that needs no test data (good images held out of training, or validation/good,
+each also with a fixed-seed synthetic anomaly); every `validate_every` steps the EMA model, its BatchNorm
+statistics re-estimated on good images, is scored on it and the best is kept; at the end t_s is chosen on
+the same set. Test labels are never looked at.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -25,15 +34,20 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .data import detect_channels, find_train_images, read_images
+from .data import detect_channels, find_train_images, find_validation_images, read_images
 from .diffusionad import DiffusionAD, ModelConfig
+from .metrics import image_auroc, pixel_ap, pixel_auroc
 from .presets import describe, preset
+from .schedule import clamp
 from .synthesis import AnomalySynthesizer, SynthesisConfig, estimate_foreground
 
 log = logging.getLogger("diffad.train")
 
 # The paper trains for 3000 epochs with these rates; a budget of minutes on a CPU needs larger ones.
 LEARNING_RATES = {"paper": (1e-4, 1e-5), "small": (1e-3, 1e-3), "tiny": (2e-3, 2e-3)}
+# Crop training by preset, (crop, crops per image), chosen on the validation signal (README, "Results");
+# the paper preset trains on whole images as the paper does.
+CROPS = {"small": (64, 4), "tiny": (None, 1), "paper": (None, 1)}
 
 
 @dataclass
@@ -52,22 +66,76 @@ class TrainConfig:
     warmup_steps: int = 50
     final_lr_fraction: float = 0.05
     focal_weight: float = 5.0
-    focal_gamma: float = 4.0
+    focal_gamma: float = 2.0   # DRAEM's; the paper's 4 barely pushes the background down in a short run
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     log_every: int = 10
     workers: int = 1
-    bf16: bool = True
+    # "auto": bf16 autocast only where the hardware computes bf16 natively (emulated bf16 on an AVX2-only
+    # CPU is 25-85x slower than fp32), else fp32; "bf16" or "fp32" force it.
+    precision: str = "auto"
     device: str = "cpu"    # "cuda" trains on the GPU; timesteps and noise are still drawn on the CPU (same run)
+    # Random crops of `crop` px (None: whole images), `crops_per_image` of them per image and step, each with
+    # its own synthetic anomaly: more distinct samples and a larger BatchNorm batch for the same compute.
+    crop: int | None = None
+    crops_per_image: int = 1
+    standardize: bool = True     # the model's input standardised by the training images' mean and std
+    ema_decay: float = 0.995     # 0 turns the EMA off (the raw weights are used)
+    # Validation without test data: validation/good if the category has it, else this share of train/good
+    # (at least 4, at most 64 images, the same split for every seed), each also with a synthetic anomaly.
+    validation_fraction: float = 0.1
+    validate_every: int = 100
+    t_s_candidates: tuple[int, ...] = (100, 150, 200, 250, 300)  # chosen on the validation set at the end
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+
+
+def crop_setting(preset_name: str, crop: int | None, crops_per_image: int | None) -> tuple[int | None, int]:
+    """(crop, crops per image) from the command line: None takes the preset's default, 0 whole images."""
+    default_crop, default_count = CROPS.get(preset_name, (None, 1))
+    if crop is None:
+        return default_crop, crops_per_image or default_count
+    return (crop or None), crops_per_image or 1
+
+
+# --- precision -----------------------------------------------------------------------------------
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: AVX512-BF16 or AMX on a CPU (oneDNN's own check), or a
+    CUDA GPU with bf16 support."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def choose_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """("bf16" | "fp32", why) for a requested "auto", "bf16" or "fp32" on `device`."""
+    if requested not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {requested!r}")
+    native = native_bf16(device)
+    where = "this GPU" if device.type == "cuda" else "this CPU"
+    if requested == "fp32":
+        return "fp32", "asked for"
+    if requested == "bf16":
+        return "bf16", "asked for" + ("" if native else f"; {where} emulates bf16, expect it to be much slower")
+    if native:
+        return "bf16", f"{where} computes bf16 natively"
+    return "fp32", f"{where} has no native bf16 (emulated bf16 is far slower than fp32)"
 
 
 # --- data ----------------------------------------------------------------------------------------
 class SyntheticAnomalyDataset(Dataset):
-    """Good images in memory; each item gets (or not) a synthetic anomaly drawn from its own seed."""
+    """Good images in memory; an item is `crops` random crops of one image (the whole image when crop is
+    None), each given (or not) its own synthetic anomaly, all drawn from the item's seed.
 
-    def __init__(self, images: np.ndarray, foregrounds: np.ndarray | None, synthesizer: AnomalySynthesizer):
+    Items are [K, C, N, N] images, [K, 1, N, N] masks and [K] anomaly flags; the loop flattens K into the batch.
+    """
+
+    def __init__(self, images: np.ndarray, foregrounds: np.ndarray | None, synthesizer: AnomalySynthesizer,
+                 crop: int | None = None, crops: int = 1):
+        size = images.shape[1]
+        if crop is not None and not 0 < crop <= size:
+            raise ValueError(f"crop must be in 1..{size} (the training image size), got {crop}")
         self.images, self.foregrounds, self.synthesizer = images, foregrounds, synthesizer
+        self.crop, self.crops = crop, crops
 
     def __len__(self) -> int:
         return len(self.images)
@@ -75,10 +143,24 @@ class SyntheticAnomalyDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, sample_seed = key
         rng = np.random.default_rng(sample_seed)
-        fg = self.foregrounds[index] if self.foregrounds is not None else None
-        image, mask, has_anomaly = self.synthesizer(self.images[index], rng, fg)
-        return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                torch.from_numpy(mask)[None], torch.tensor(float(has_anomaly)))
+        full, size = self.images[index], self.images.shape[1]
+        full_fg = self.foregrounds[index] if self.foregrounds is not None else None
+        images, masks, flags = [], [], []
+        for _ in range(self.crops):
+            image, fg = full, full_fg
+            if self.crop is not None and self.crop < size:
+                top, left = (int(v) for v in rng.integers(0, size - self.crop + 1, size=2))
+                window = (slice(top, top + self.crop), slice(left, left + self.crop))
+                image = full[window]
+                fg = full_fg[window] if full_fg is not None else None
+                if fg is not None and not fg.any():  # a crop of background only: anomalies go anywhere
+                    fg = np.ones_like(fg)
+            image, mask, has_anomaly = self.synthesizer(image, rng, fg)
+            images.append(image.transpose(2, 0, 1))
+            masks.append(mask[None])
+            flags.append(float(has_anomaly))
+        return (torch.from_numpy(np.ascontiguousarray(np.stack(images))), torch.from_numpy(np.stack(masks)),
+                torch.tensor(flags))
 
 
 class ResumableSampler(Sampler):
@@ -112,16 +194,19 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torc
 
 def training_step(model: DiffusionAD, images: torch.Tensor, masks: torch.Tensor, has_anomaly: torch.Tensor,
                   cfg: TrainConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """The joint loss for one batch; images in [0, 1], masks [N, 1, H, W] in {0, 1}."""
+    """The joint loss for one batch; images in [0, 1], masks [N, 1, H, W] in {0, 1}.
+
+    cfg.precision must be resolved ("bf16" or "fp32", see choose_precision)."""
     sched, n, device = model.schedule, images.shape[0], images.device
-    x = images * 2.0 - 1.0
+    bf16 = cfg.precision == "bf16"
+    x = model.normalize(images)
     # Drawn on the CPU from the step's generator, then moved: the same numbers on any device.
     t_s = torch.randint(*cfg.t_s_range, (n,), generator=generator).to(device)
     t_l = torch.randint(*cfg.t_l_range, (n,), generator=generator).to(device)
     t = torch.cat([t_s, t_l])
     noise = torch.randn((2 * n, *x.shape[1:]), generator=generator).to(device)
     x_t = sched.q_sample(torch.cat([x, x]), t, noise)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         eps = model.unet(x_t, t).float()
 
     # Noise loss on the clean images only: the UNet must learn what normal looks like.
@@ -130,14 +215,125 @@ def training_step(model: DiffusionAD, images: torch.Tensor, masks: torch.Tensor,
     noise_loss = (per_sample * clean).sum() / clean.sum().clamp(min=1.0)
 
     x0_s = sched.predict_x0(x_t[:n], t_s, eps[:n])
-    x0_l = sched.predict_x0(x_t[n:], t_l, eps[n:]).clamp(-1.0, 1.0)
-    x0_g = sched.guided_x0(x0_s, x0_l, t_s, model.config.w)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+    x0_l = clamp(sched.predict_x0(x_t[n:], t_l, eps[n:]), model.pixel_bounds)
+    x0_g = sched.guided_x0(x0_s, x0_l, t_s, model.config.w, model.pixel_bounds)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model.segment(x, x0_g).float()
     focal = focal_loss(logits, masks, cfg.focal_gamma)
     smooth_l1 = F.smooth_l1_loss(torch.sigmoid(logits), masks)
     loss = noise_loss + cfg.focal_weight * focal + smooth_l1
     return {"loss": loss, "noise": noise_loss.detach(), "focal": focal.detach(), "smooth_l1": smooth_l1.detach()}
+
+
+# --- weights averaging, BatchNorm statistics, validation ---------------------------------------------
+class EMA:
+    """An exponential moving average of a model's weights (buffers copied as they are)."""
+
+    def __init__(self, model: DiffusionAD, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: DiffusionAD, step: int) -> None:
+        # The usual warm-up (1 + step) / (10 + step): early weights are not averaged in for long.
+        decay = min(self.decay, (1.0 + step) / (10.0 + step))
+        for mine, theirs in zip(self.model.parameters(), model.parameters(), strict=True):
+            mine.lerp_(theirs, 1.0 - decay)
+        for mine, theirs in zip(self.model.buffers(), model.buffers(), strict=True):
+            mine.copy_(theirs)
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: DiffusionAD, images: np.ndarray, batch_size: int = 8) -> None:
+    """Recompute the segmentation network's BatchNorm statistics on good whole images (the inference input).
+
+    Training's running statistics mix synthetic anomalies and crops and lag behind the (averaged)
+    weights; a plain average over good images at full size is what the network meets in service.
+    """
+    norms = [m for m in model.segmentation.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or len(images) == 0:
+        return
+    device = model.noise.device
+    model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over every batch below
+        m.train()
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size].transpose(0, 3, 1, 2)))
+        model(batch.to(device))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+        m.eval()
+
+
+@dataclass
+class ValidationSet:
+    """Good images never trained on, each once as it is and once with a fixed-seed synthetic anomaly."""
+
+    images: np.ndarray   # [M, H, W, C] in [0, 1]
+    masks: np.ndarray    # [M, H, W] in {0, 1}
+    labels: np.ndarray   # [M] 0 good, 1 with an anomaly
+    source: str          # where the good images came from
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+VALIDATION_SEED = 20_240_303  # fixed: every run and seed is validated on the same anomalies
+
+
+def make_validation_set(good: np.ndarray, foregrounds: np.ndarray | None, synthesis: SynthesisConfig,
+                        source: str) -> ValidationSet:
+    synthesizer = AnomalySynthesizer(synthesis)
+    images, masks, labels = [], [], []
+    empty = np.zeros(good.shape[1:3], np.float32)
+    for i, image in enumerate(good):
+        images.append(image), masks.append(empty), labels.append(0)
+        fg = foregrounds[i] if foregrounds is not None else None
+        anomalous, mask, made = synthesizer(image, np.random.default_rng([VALIDATION_SEED, i]), fg, force=True)
+        if made:
+            images.append(anomalous), masks.append(mask), labels.append(1)
+    return ValidationSet(np.stack(images), np.stack(masks), np.array(labels), source)
+
+
+@torch.inference_mode()
+def validate(model: DiffusionAD, vset: ValidationSet, batch_size: int = 8) -> dict[str, float]:
+    """Image AUROC, pixel AUROC and pixel AP on the validation set, and their mean (the selection score)."""
+    model.eval()
+    device = model.noise.device
+    maps, scores = [], []
+    for start in range(0, len(vset), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(vset.images[start:start + batch_size].transpose(0, 3, 1, 2)))
+        anomaly_map, score = model(batch.to(device))
+        maps.append(anomaly_map[:, 0].float().cpu().numpy())
+        scores.append(score.float().cpu().numpy())
+    maps_np, scores_np = np.concatenate(maps), np.concatenate(scores)
+    result = {"image_auroc": image_auroc(vset.labels, scores_np), "pixel_auroc": pixel_auroc(vset.masks, maps_np),
+              "pixel_ap": pixel_ap(vset.masks, maps_np)}
+    # The train/eval map check: does the map tell the anomaly from its surroundings at all?
+    inside = vset.masks > 0
+    result["map_mean_inside"] = float(maps_np[inside].mean()) if inside.any() else float("nan")
+    result["map_mean_outside"] = float(maps_np[~inside].mean())
+    result["score"] = float(np.mean([result["image_auroc"], result["pixel_auroc"], result["pixel_ap"]]))
+    return result
+
+
+def holdout_split(num_images: int, fraction: float) -> np.ndarray:
+    """Indices of the images held out for validation: a fixed permutation (not the run's seed), so every
+    seed of a benchmark trains and validates on the same images."""
+    if fraction <= 0 or num_images < 8:
+        return np.array([], dtype=int)
+    count = int(min(64, max(4, round(fraction * num_images))))
+    return np.sort(np.random.default_rng(0).permutation(num_images)[:count])
+
+
+def standardization(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of [N, H, W, C] images (std floored at 0.01: a flat category stays finite)."""
+    mean = images.mean(axis=(0, 1, 2), dtype=np.float64)
+    std = np.maximum(images.std(axis=(0, 1, 2), dtype=np.float64), 0.01)
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -188,6 +384,10 @@ def load_training_images(data_dir: str | Path, image_size: int, channels: int | 
     return paths, images, foregrounds, channels
 
 
+VALIDATION_LOG = "validation_log.jsonl"
+BEST_FILE = "best.safetensors"   # the best EMA model by validation score so far (metadata: step, score)
+
+
 def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small", image_size: int | None = None,
           channels: int | None = None, train_config: TrainConfig | None = None, resume: bool = False,
           progress: bool = True) -> dict:
@@ -203,47 +403,106 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
         model_config = ModelConfig.from_dict(saved["model"])
         cfg = train_config or _train_config_from_dict(saved["train"])
         if train_config is not None:  # budgets may change on resume; the data recipe may not
-            cfg.synthesis = _train_config_from_dict(saved["train"]).synthesis
+            saved_cfg = _train_config_from_dict(saved["train"])
+            cfg.synthesis, cfg.crop = saved_cfg.synthesis, saved_cfg.crop
+            cfg.crops_per_image = saved_cfg.crops_per_image
         image_size, channels = model_config.image_size, model_config.in_channels
     else:
         cfg = train_config or TrainConfig()
     if cfg.max_steps is None and cfg.max_minutes is None:
         raise ValueError("give a budget: max_steps, max_minutes or both")
+    if cfg.crops_per_image < 1:
+        raise ValueError(f"crops_per_image must be at least 1, got {cfg.crops_per_image}")
+    if not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.validation_fraction < 1:
+        raise ValueError(f"ema_decay and validation_fraction must be in [0, 1), got {cfg.ema_decay} and "
+                         f"{cfg.validation_fraction}")
 
     torch.manual_seed(cfg.seed)
     paths, images, foregrounds, channels = load_training_images(
         data_dir, image_size or preset(preset_name).image_size, channels, cfg.synthesis.foreground)
+
+    # Validation images: validation/good when the category has one, else a fixed share held out of training.
+    extra = find_validation_images(data_dir)
+    if extra:
+        val_images = read_images(extra, images.shape[1], channels)
+        val_fg = np.stack([estimate_foreground(im) for im in val_images]) if foregrounds is not None else None
+        val_source = f"{len(extra)} images of validation/good"
+        held_paths = []
+    else:
+        held = holdout_split(len(images), cfg.validation_fraction)
+        keep = np.setdiff1d(np.arange(len(images)), held)
+        val_images, val_fg = images[held], foregrounds[held] if foregrounds is not None else None
+        val_source = f"{len(held)} images held out of train/good"
+        held_paths = [str(paths[i]) for i in held]
+        images, foregrounds = images[keep], foregrounds[keep] if foregrounds is not None else None
+        paths = [paths[i] for i in keep]
+    vset = (make_validation_set(val_images, val_fg, cfg.synthesis, val_source) if len(val_images) else None)
+
     if state_path is None:
         model_config = preset(preset_name, image_size=images.shape[1], in_channels=channels)
+        if cfg.standardize:
+            model_config.input_mean, model_config.input_std = standardization(images)
+            model_config = ModelConfig.from_dict(model_config.to_dict())  # re-checked
     device = torch.device(cfg.device)
+    precision, precision_reason = choose_precision(cfg.precision, device)
+    step_cfg = dataclasses.replace(cfg, precision=precision)  # cfg keeps what was asked for (a resume re-checks)
     model = DiffusionAD(model_config).to(device)  # before the optimiser: a resumed state follows its parameters
+    if cfg.crop is not None:
+        multiple = max(2 ** (len(model_config.unet.channel_mults) - 1), model.segmentation.min_size_multiple)
+        if cfg.crop % multiple or cfg.crop > model_config.image_size:
+            raise ValueError(f"--crop {cfg.crop}: must be a multiple of {multiple} and at most the input size "
+                             f"{model_config.image_size} for the {model_config.name} preset")
     optimizer = make_optimizer(model, cfg)
-    start_step = ckpt.load_training_state(state_path, model, optimizer) if state_path else 0
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    start_step = ckpt.load_training_state(state_path, model, optimizer, ema.model if ema else None) if state_path else 0
     if state_path:
         log.info("resuming from %s at step %d", state_path, start_step)
+    best_score = -math.inf
+    if state_path and (run_dir / BEST_FILE).is_file():
+        best_score = float(ckpt.read_metadata(run_dir / BEST_FILE).get("validation_score", "-inf"))
     (run_dir / ckpt.CONFIG_FILE).write_text(json.dumps(
         {"model": model_config.to_dict(), "train": asdict(cfg), "data_dir": str(data_dir),
-         "num_train_images": len(paths)}, indent=2))
+         "num_train_images": len(paths), "validation": vset.source if vset else None,
+         "held_out_images": held_paths}, indent=2))
 
     cost = describe(model)
     log.info("model %s: %d px, %d channel(s), UNet %.2f M params, segmentation %.2f M, %.2f GMAC per image",
              model_config.name, model_config.image_size, channels, cost["unet_params_m"],
              cost["segmentation_params_m"], cost["pipeline_gmac_per_image"])
-    log.info("%d training images from %s; batch %d, lr %.0e / %.0e (%s), bf16 %s, %d loader worker(s)",
-             len(paths), data_dir, cfg.batch_size, cfg.unet_lr, cfg.segmentation_lr, cfg.lr_schedule, cfg.bf16,
-             cfg.workers)
+    log.info("precision %s (%s)", precision, precision_reason)
+    per_step = cfg.batch_size * cfg.crops_per_image
+    log.info("%d training images from %s; %d image(s) x %d crop(s) of %s px per step, lr %.0e / %.0e (%s), "
+             "EMA %s, %d loader worker(s)", len(paths), data_dir, cfg.batch_size, cfg.crops_per_image,
+             cfg.crop or model_config.image_size, cfg.unet_lr, cfg.segmentation_lr, cfg.lr_schedule,
+             cfg.ema_decay or "off", cfg.workers)
+    log.info("validation: %s", f"{vset.source}, {len(vset)} images with their synthetic anomalies" if vset
+             else "none (too few images): the last averaged weights are kept")
 
-    dataset = SyntheticAnomalyDataset(images, foregrounds, AnomalySynthesizer(cfg.synthesis))
+    dataset = SyntheticAnomalyDataset(images, foregrounds, AnomalySynthesizer(cfg.synthesis), cfg.crop,
+                                      cfg.crops_per_image)
     loader = DataLoader(dataset, batch_size=cfg.batch_size,
                         sampler=ResumableSampler(len(dataset), cfg.seed, start_step * cfg.batch_size),
                         num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                         prefetch_factor=4 if cfg.workers > 0 else None)
+    bn_images = images[:64]  # good whole images for BatchNorm re-estimation (a fixed subset: deterministic)
+
+    def check(step: int) -> dict:
+        """Validate the averaged model (its BatchNorm re-estimated) and keep it when it is the best so far."""
+        nonlocal best_score
+        candidate = ema.model if ema else copy.deepcopy(model)
+        reestimate_batchnorm(candidate, bn_images)
+        result = validate(candidate, vset)
+        if result["score"] > best_score:
+            best_score = result["score"]
+            ckpt.save_model(run_dir / BEST_FILE, candidate, {"step": step, "validation_score": best_score,
+                                                             "validation": json.dumps(result)})
+        return result
 
     model.train()
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes is not None else math.inf
     end_step = cfg.max_steps if cfg.max_steps is not None else None
     started = time.monotonic()
-    step, history, losses = start_step, [], {}
+    step, history, losses, validations = start_step, [], {}, []
     bar = tqdm(total=end_step, initial=start_step, desc="training", unit="step", disable=not progress)
     log_file = (run_dir / "train_log.jsonl").open("a")
     try:
@@ -258,11 +517,14 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
             factor = lr_factor(cfg, step, budget_progress(step, end_step, time.monotonic() - started, budget_s))
             for group, base_lr in zip(optimizer.param_groups, (cfg.unet_lr, cfg.segmentation_lr), strict=True):
                 group["lr"] = base_lr * factor
-            out = training_step(model, images_b.to(device), masks_b.to(device), has_b.to(device), cfg, generator)
+            images_b, masks_b, has_b = (t.flatten(0, 1).to(device) for t in (images_b, masks_b, has_b))
+            out = training_step(model, images_b, masks_b, has_b, step_cfg, generator)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             optimizer.step()
             step += 1
+            if ema:
+                ema.update(model, step)
             losses = {k: float(v.detach()) for k, v in out.items()}
             history.append(losses)
             bar.update(1)
@@ -272,42 +534,91 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
                 log_file.write(json.dumps({"step": step, "elapsed_s": round(time.monotonic() - started, 1),
                                            "lr_factor": round(factor, 4), **mean}) + "\n")
                 log_file.flush()
+            if vset is not None and step % cfg.validate_every == 0:
+                result = check(step)
+                validations.append({"step": step, **result})
+                with (run_dir / VALIDATION_LOG).open("a") as f:
+                    f.write(json.dumps({"step": step, **result}) + "\n")
+                log.debug("step %d validation %s", step, result)
+                bar.set_description(f"training (val {result['score']:.3f}, best {best_score:.3f})")
+                model.train()
             if step % cfg.checkpoint_every == 0:
-                _save_checkpoint(run_dir, model, optimizer, step, cfg.keep_checkpoints)
+                _save_checkpoint(run_dir, model, optimizer, step, cfg.keep_checkpoints, ema)
     finally:
         bar.close()
         log_file.close()
 
     elapsed = time.monotonic() - started
-    _save_checkpoint(run_dir, model, optimizer, step, cfg.keep_checkpoints)
-    model.eval().cpu()
+    _save_checkpoint(run_dir, model, optimizer, step, cfg.keep_checkpoints, ema)
+    if vset is not None and step % cfg.validate_every != 0:
+        validations.append({"step": step, **check(step)})
+        with (run_dir / VALIDATION_LOG).open("a") as f:
+            f.write(json.dumps(validations[-1]) + "\n")
+
+    # The model kept: the best validated one, else the averaged (or raw) weights; BatchNorm re-estimated.
+    if vset is not None and (run_dir / BEST_FILE).is_file():
+        final = ckpt.load_model(run_dir / BEST_FILE).to(device)
+        chosen_step = int(ckpt.read_metadata(run_dir / BEST_FILE)["step"])
+    else:
+        final, chosen_step = copy.deepcopy(ema.model if ema else model), step
+    reestimate_batchnorm(final, images[:128])
+    t_s_selection = select_t_s(final, vset, cfg.t_s_candidates) if vset is not None else None
+    final.eval().cpu()
     recent = history[-50:]
     summary = {
         "preset": model_config.name,
         "steps": step,
         "steps_this_run": step - start_step,
+        "chosen_step": chosen_step,
         "train_seconds": round(elapsed, 1),
         "seconds_per_step": round(elapsed / max(step - start_step, 1), 3),
-        "images_seen": step * cfg.batch_size,
+        "images_seen": step * per_step,
         "num_train_images": len(paths),
+        "crop": cfg.crop,
+        "crops_per_image": cfg.crops_per_image,
+        "precision": precision,
+        "precision_reason": precision_reason,
         "final_losses": {k: float(np.mean([h[k] for h in recent])) for k in recent[0]} if recent else {},
         "image_size": model_config.image_size,
         "in_channels": channels,
+        "t_s": final.config.t_s,
+        "validation": {"source": vset.source, "images": len(vset), "chosen": max(validations, key=_score)
+                       if validations else None, "history": validations, "t_s_selection": t_s_selection}
+        if vset is not None else None,
         **{k: round(v, 3) for k, v in cost.items()},
         "torch": torch.__version__,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "device": str(device) if device.type == "cpu" else f"{device}: {torch.cuda.get_device_name(device)}",
     }
-    ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, {"step": step, "training": json.dumps(summary)})
+    ckpt.save_model(run_dir / ckpt.MODEL_FILE, final, {"step": chosen_step, "training": json.dumps(summary)})
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("trained %d steps in %.1f min (%.2f s/step); model saved to %s",
-             step, elapsed / 60, summary["seconds_per_step"], run_dir / ckpt.MODEL_FILE)
+    log.info("trained %d steps in %.1f min (%.2f s/step); kept step %d, t_s %d; model saved to %s",
+             step, elapsed / 60, summary["seconds_per_step"], chosen_step, final.config.t_s, run_dir / ckpt.MODEL_FILE)
     return summary
 
 
-def _save_checkpoint(run_dir: Path, model, optimizer, step: int, keep: int) -> None:
+def _score(result: dict) -> float:
+    return result["score"]
+
+
+def select_t_s(model: DiffusionAD, vset: ValidationSet, candidates: tuple[int, ...]) -> dict:
+    """Set model.config.t_s to the candidate with the best validation score (ties: the earlier candidate,
+    the paper's 200 if listed first among equals); returns every candidate's score."""
+    default = model.config.t_s
+    scores = {}
+    for t_s in sorted({*candidates, default}):
+        if not 0 <= t_s < model.config.t_l:
+            continue
+        model.config.t_s = t_s
+        scores[t_s] = validate(model, vset)["score"]
+    best = max(scores, key=lambda t: (scores[t], t == default))
+    model.config.t_s = best
+    return {"chosen": best, "scores": {str(t): round(v, 4) for t, v in scores.items()}}
+
+
+def _save_checkpoint(run_dir: Path, model, optimizer, step: int, keep: int, ema: EMA | None = None) -> None:
     path = run_dir / ckpt.CHECKPOINT_DIR / f"step_{step:07d}.safetensors"
-    ckpt.save_training_state(path, model, optimizer, step)
+    ckpt.save_training_state(path, model, optimizer, step, ema=ema.model if ema else None)
     for old in sorted(path.parent.glob("step_*.safetensors"))[:-keep]:
         old.unlink()
 
@@ -317,5 +628,9 @@ def _train_config_from_dict(d: dict) -> TrainConfig:
     synthesis = d.pop("synthesis")
     synthesis = SynthesisConfig(**{**synthesis, "opacity_range": tuple(synthesis["opacity_range"]),
                                    "sources": tuple(synthesis["sources"])})
+    if "bf16" in d:  # runs from before --precision
+        d["precision"] = "auto" if d.pop("bf16") else "fp32"
+    if "t_s_candidates" in d:
+        d["t_s_candidates"] = tuple(d["t_s_candidates"])
     return TrainConfig(**{**d, "t_s_range": tuple(d["t_s_range"]), "t_l_range": tuple(d["t_l_range"])},
                        synthesis=synthesis)
