@@ -3,8 +3,11 @@
     python bench/render_results.py collect runs/dagm_small --name dagm_class1_small
     python bench/render_results.py table          # rewrites the tables in README.md
 
-`diffad bench quality DATASET...` trains, evaluates and writes these files itself; `collect` records a run
-trained by hand. Both write the same format (diffad.benchmarks.quality.quality_record).
+`diffad bench quality DATASET... --seeds 0,1,2` trains, evaluates and writes these files itself, one per
+category and seed (<dataset>_<variant>_seed<S>.json, with "seed" and "group"); `collect` records a run
+trained by hand. Both write the same format (diffad.benchmarks.quality.quality_record). The table has one
+row per group, the metrics as mean ± sample std over its seeds; a file without "group" (one `collect`
+writes, or one from before seeds) is a row of its own. Only bench/results/*.json is read, not tuning/.
 
 The quality table sits between the markers <!-- results:start --> and <!-- results:end --> in README.md;
 the speed tables (from a `diffad bench speed` and a `diffad bench load` record, with the issue's targets)
@@ -40,7 +43,8 @@ def collect(run_dir: Path, name: str, note: str | None = None) -> Path:
 
 
 def table(results: Path = RESULTS) -> str:
-    """The README's quality table from every results file with "metrics" (speed results have none)."""
+    """The README's quality table from every results file with "metrics" (speed results have none), the
+    seeds of one group aggregated into one row (diffad.benchmarks.quality.markdown_table)."""
     return markdown_table([json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))])
 
 

@@ -7,9 +7,11 @@ speed benchmark runs on the tiny bundle the service tests share (one ONNX export
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -244,17 +246,20 @@ def test_a_run_or_a_model_file_is_exported_to_a_temporary_bundle(run_dir, bundle
 
 
 # --- bench quality -----------------------------------------------------------------------------------
+QUALITY = ["--preset", "tiny", "--max-steps", "2", "--max-minutes", "5", "--batch-size", "4", "--workers", "0"]
+
+
 def test_bench_quality_writes_records_the_readme_table_renders(category, tmp_path, capsys):
     out_dir, runs_dir = tmp_path / "results", tmp_path / "runs"
-    args = ["bench", "quality", str(category), "--preset", "tiny", "--max-steps", "2", "--max-minutes", "5",
-            "--batch-size", "4", "--workers", "0", "--out-dir", str(out_dir), "--runs-dir", str(runs_dir)]
+    args = ["bench", "quality", str(category), *QUALITY, "--out-dir", str(out_dir), "--runs-dir", str(runs_dir)]
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out)
-    path = out_dir / "weave_tiny.json"
+    path = out_dir / "weave_tiny_seed0.json"  # one seed, 0, by default
     record = json.loads(path.read_text())
-    assert printed["files"] == [str(path)] and printed["results"] == [record]
+    assert printed["files"] == [str(path)] and printed["results"] == [record] and printed["skipped"] == []
 
-    assert record["name"] == "weave_tiny" and record["dataset"] == "weave" and record["preset"] == "tiny"
+    assert record["name"] == "weave_tiny_seed0" and record["dataset"] == "weave" and record["preset"] == "tiny"
+    assert record["group"] == "weave_tiny" and record["seed"] == 0 and "setting" not in record
     assert set(record["metrics"]) == set(METRICS)
     assert all(0.0 <= v <= 1.0 for v in record["metrics"].values())
     assert record["test_images"] == 11 and record["anomalous_test_images"] == 6
@@ -266,30 +271,145 @@ def test_bench_quality_writes_records_the_readme_table_renders(category, tmp_pat
     assert record["torch"] == torch.__version__ and record["onnxruntime"]
     assert record["command"].startswith("diffad bench quality ") and "--max-steps 2" in record["command"]
     assert record["date"]
+    assert not list(out_dir.glob("*.tmp"))  # the atomic write left no temporary behind
     # the run is a real run: evaluated, calibrated, exportable
-    run = runs_dir / "weave_tiny"
+    run = runs_dir / "weave_tiny_seed0"
     assert (run / "model.safetensors").is_file() and (run / "calibration.json").is_file()
     assert json.loads((run / "eval.json").read_text())["image_auroc"] == record["metrics"]["image_auroc"]
 
     # the README generator renders it, with the figures as recorded
     table = render_results_module().table(out_dir)
     row = next(line for line in table.splitlines() if line.startswith("| `weave`"))
-    assert row.startswith("| `weave` | tiny, 32 px | " + " | ".join(f"{record['metrics'][k]:.3f}" for k in METRICS))
-    assert "| 2 steps, " in row and record["machine"] in table
+    assert row.startswith("| `weave` | tiny, 32 px | 1 | "
+                          + " | ".join(f"{record['metrics'][k]:.3f}" for k in METRICS))
+    assert "| 2 steps, " in row and "±" not in row and record["machine"] in table
     assert printed["table"] == markdown_table([record])
+    assert printed["summary"]["weave_tiny"]["n"] == 1
 
-    # an existing run is not trained over without --overwrite
-    assert main(args) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    # --overwrite trains a finished run again
     assert main([*args, "--overwrite", "--max-steps", "3"]) == 0
     assert json.loads(path.read_text())["training"]["steps"] == 3
 
-    # another input size is another record, named for it, next to the preset's own
-    assert main([*args, "--image-size", "24"]) == 0
-    other = json.loads((out_dir / "weave_tiny_24px.json").read_text())
+    # another input size and a setting label make another group, named for them, next to the preset's own
+    assert main([*args, "--image-size", "24", "--setting", "crop24"]) == 0
+    other = json.loads((out_dir / "weave_tiny_24px_crop24_seed0.json").read_text())
     assert other["training"]["image_size"] == 24 and "--image-size 24" in other["command"]
-    assert (runs_dir / "weave_tiny_24px" / "model.safetensors").is_file() and path.is_file()
-    assert "| `weave` | tiny, 24 px | " in render_results_module().table(out_dir)
+    assert other["group"] == "weave_tiny_24px_crop24" and other["setting"] == "crop24"
+    assert (runs_dir / "weave_tiny_24px_crop24_seed0" / "model.safetensors").is_file() and path.is_file()
+    assert "| `weave` | tiny, 24 px, crop24 | 1 | " in render_results_module().table(out_dir)
+
+
+def test_bench_quality_seeds_resume_and_summarize(category, tmp_path, capsys, caplog, monkeypatch):
+    from diffad.models import training
+
+    caplog.set_level(logging.INFO, logger="diffad.bench.quality")
+    real_train, trained = training.train, []
+
+    def counting_train(dataset, run_dir, *a, **kw):
+        trained.append((Path(run_dir).name, kw["train_config"].seed))
+        return real_train(dataset, run_dir, *a, **kw)
+
+    monkeypatch.setattr(training, "train", counting_train)
+    out_dir, runs_dir = tmp_path / "results", tmp_path / "runs"
+    args = ["bench", "quality", str(category), *QUALITY, "--out-dir", str(out_dir), "--runs-dir", str(runs_dir)]
+    assert main([*args, "--seeds", "0,1"]) == 0
+    assert trained == [("weave_tiny_seed0", 0), ("weave_tiny_seed1", 1)]  # each run its own seed
+    first = json.loads(capsys.readouterr().out)
+    paths = [out_dir / "weave_tiny_seed0.json", out_dir / "weave_tiny_seed1.json"]
+    records = [json.loads(p.read_text()) for p in paths]
+    assert first["files"] == [str(p) for p in paths] and first["results"] == records
+    assert [r["seed"] for r in records] == [0, 1] and {r["group"] for r in records} == {"weave_tiny"}
+    summary = first["summary"]["weave_tiny"]
+    assert summary["n"] == 2 and summary["seeds"] == [0, 1]
+    for k in METRICS:
+        values = [r["metrics"][k] for r in records]
+        assert summary["metrics"][k] == {"mean": pytest.approx(statistics.fmean(values)),
+                                         "std": pytest.approx(statistics.stdev(values)), "values": values}
+    assert first["table"] == markdown_table(records) and "| `weave` | tiny, 32 px | 2 | " in first["table"]
+
+    # a rerun skips both finished runs, trains nothing, and still reports both with the summary
+    trained.clear()
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+    assert main([*args, "--seeds", "0,1"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert trained == [] and [p.stat().st_mtime_ns for p in paths] == mtimes
+    assert again["results"] == records and again["skipped"] == [str(p) for p in paths]
+    assert again["summary"] == first["summary"] and again["table"] == first["table"]
+    assert f"skipping, result exists: {paths[1]}" in caplog.text
+    assert main([*args, "--seed", "1"]) == 0 and trained == []  # --seed S is --seeds S
+    assert json.loads(capsys.readouterr().out)["results"] == records[1:]
+
+    # a run folder without its result file is an interrupted run: trained again from scratch
+    paths[1].unlink()
+    (runs_dir / "weave_tiny_seed1" / "left_over").write_text("half a run")
+    caplog.clear()
+    assert main([*args, "--seeds", "0,1"]) == 0
+    assert trained == [("weave_tiny_seed1", 1)] and paths[1].is_file()
+    assert not (runs_dir / "weave_tiny_seed1" / "left_over").exists()
+    assert "no result file (an interrupted run)" in caplog.text
+    assert paths[0].stat().st_mtime_ns == mtimes[0]
+    assert json.loads(capsys.readouterr().out)["summary"]["weave_tiny"]["n"] == 2
+
+    # bad seed lists are refused before any training
+    trained.clear()
+    for bad in (["--seeds", "0,x"], ["--seeds", "1,1"], ["--seeds", "-1"], ["--seeds", "0", "--seed", "0"],
+                ["--setting", "a/b"]):
+        assert main([*args, *bad]) == 2, bad
+    assert trained == []
+
+
+def quality_result(dataset="weave", seed=None, auroc=0.5, steps=100, image_size=32, setting=None):
+    record = {"name": f"{dataset}_tiny" + (f"_seed{seed}" if seed is not None else ""), "dataset": dataset,
+              "preset": "tiny", "metrics": {k: auroc for k in METRICS},
+              "training": {"steps": steps, "train_seconds": 60.0 * steps / 100, "image_size": image_size},
+              "machine": "test machine"}
+    if seed is not None:
+        record.update(seed=seed, group=f"{dataset}_tiny" + (f"_{setting}" if setting else ""))
+    if setting:
+        record["setting"] = setting
+    return record
+
+
+def test_markdown_table_aggregates_seeds_and_renders_old_records():
+    from diffad.benchmarks.quality import summarize
+
+    old = json.loads((ROOT / "bench" / "results" / "dagm_class1_small.json").read_text())  # before seeds
+    assert "seed" not in old and "group" not in old
+    seeds = [quality_result(seed=0, auroc=0.9, steps=100), quality_result(seed=1, auroc=0.8, steps=200)]
+    ablation = quality_result(seed=0, auroc=0.7, setting="crop64")
+    table = markdown_table([old, *seeds, ablation, quality_result(dataset="grid")])  # grid: old format too
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert len(rows) == 4
+    m = old["metrics"]
+    assert rows[0] == ("| `dagm_class1` | small, 128 px | 1 | " + " | ".join(f"{m[k]:.3f}" for k in METRICS)
+                       + f" | {old['training']['steps']} steps, {old['training']['train_seconds'] / 60:.1f} min |")
+    std = statistics.stdev([0.9, 0.8])  # the sample std, ddof=1
+    assert rows[1] == ("| `weave` | tiny, 32 px | 2 | " + " | ".join([f"0.850 ± {std:.3f}"] * 5)
+                       + " | 150 steps, 1.5 min (mean) |")
+    assert rows[2].startswith("| `weave` | tiny, 32 px, crop64 | 1 | 0.700 | ") and "±" not in rows[2]
+    assert rows[3].startswith("| `grid` | tiny, 32 px | 1 | 0.500 | ")
+    assert table.endswith("Machine: AMD EPYC, 2 cores, no GPU; test machine")
+    summary = summarize([old, *seeds, ablation])
+    assert set(summary) == {"dagm_class1_small", "weave_tiny", "weave_tiny_crop64"}
+    assert summary["weave_tiny"]["metrics"]["image_auroc"] == {"mean": pytest.approx(0.85),
+                                                               "std": pytest.approx(std), "values": [0.9, 0.8]}
+    assert summary["dagm_class1_small"]["n"] == 1 and summary["dagm_class1_small"]["metrics"]["pixel_ap"]["std"] is None
+
+
+def test_result_files_are_written_atomically(tmp_path, monkeypatch):
+    from diffad.benchmarks import quality
+
+    path = tmp_path / "weave_tiny_seed0.json"
+    quality.write_atomically(path, "old\n")
+    assert path.read_text() == "old\n"
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quality.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quality.write_atomically(path, "new\n")
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 def test_readme_table_skips_non_quality_results(tmp_path):

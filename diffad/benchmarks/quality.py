@@ -1,13 +1,21 @@
-"""`diffad bench quality`: train, evaluate and record each category, one JSON per category.
+"""`diffad bench quality`: train, evaluate and record each category and seed, one JSON per run.
 
-For every DATASET (an MVTec-layout category): train a model with the given preset and time budget into
-RUNS_DIR/<dataset>_<preset> (the same training as `diffad train`), evaluate it on the category's test set
-(the same evaluation as `diffad evaluate`, which also calibrates the threshold), and write
-OUT_DIR/<dataset>_<preset>.json in the format `bench/render_results.py collect` writes, so
-`python bench/render_results.py table` puts it in the README's results table. The command prints one JSON
-object (every category's record and the Markdown table) on stdout; progress goes to stderr.
+For every DATASET (an MVTec-layout category) and every seed of --seeds: train a model with the given preset
+and time budget into RUNS_DIR/<dataset>_<variant>_seed<S> (the same training as `diffad train`), evaluate it
+on the category's test set (the same evaluation as `diffad evaluate`, which also calibrates the threshold),
+and write OUT_DIR/<dataset>_<variant>_seed<S>.json in the format `bench/render_results.py collect` writes,
+so `python bench/render_results.py table` puts it in the README's results table. <variant> is the preset,
+then _<size>px with --image-size, then _<NAME> with --setting NAME; <dataset>_<variant> is the record's
+"group": the runs of one setting, which the table and the printed "summary" aggregate over the seeds.
 
-    diffad bench quality ../shared/datasets/dagm_class1 ../shared/datasets/magnetic_tile --max-minutes 30
+The result file marks a finished run (it is written atomically, last): a (dataset, seed) whose result file
+exists is skipped and its record reused, so an interrupted benchmark resumes where it stopped; a run
+folder without a result file is an interrupted run and is trained again from scratch; --overwrite trains
+every run again. The command prints one JSON object (every record, the per-group summary and the Markdown
+table) on stdout; progress goes to stderr.
+
+    diffad bench quality ../shared/datasets/dagm_class1 ../shared/datasets/magnetic_tile --max-minutes 30 \
+        --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -15,9 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import shlex
 import shutil
+import statistics
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,31 +37,67 @@ log = logging.getLogger("diffad.bench.quality")
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1_max")
 TRAINING_FIELDS = ("steps", "train_seconds", "seconds_per_step", "num_train_images", "image_size", "in_channels",
-                   "pipeline_gmac_per_image")
+                   "pipeline_gmac_per_image", "chosen_step", "precision", "precision_reason", "t_s", "crop",
+                   "crops_per_image", "validation")
+
+
+SETTING = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")  # a setting label goes into file names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("datasets", nargs="+", metavar="DATASET", help="MVTec-layout categories")
     p.add_argument("--preset", choices=("tiny", "small", "paper"), default="small", help="default small")
     p.add_argument("--image-size", type=int,
-                   help="square input size (default: the preset's); the record's name then ends in _<size>px")
+                   help="square input size (default: the preset's); the record's name then has _<size>px")
+    p.add_argument("--setting", metavar="NAME",
+                   help="a short label for an ablation (e.g. crop64: letters, digits, '.', '-'), added to the "
+                        "record's name and group and shown in the results table")
     p.add_argument("--max-minutes", type=float, default=30.0,
-                   help="training budget per category, wall-clock minutes (default 30)")
+                   help="training budget per run, wall-clock minutes (default 30)")
     p.add_argument("--max-steps", type=int, help="also stop training after this many steps")
     p.add_argument("--out-dir", default="bench/results", help="where the JSON records go (default bench/results)")
     p.add_argument("--runs-dir", default="runs/bench", help="where the training runs go (default runs/bench)")
-    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--seeds", metavar="LIST",
+                   help="comma-separated training seeds, one run and one record each (default 0)")
+    p.add_argument("--seed", type=int, help="a single seed: the same as --seeds S")
     p.add_argument("--batch-size", type=int, default=8, help="training batch size (default 8)")
     p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                    help="learning-rate schedule over the budget, as in diffad train (default cosine)")
     p.add_argument("--anomaly-sources", metavar="LIST",
                    help="synthetic anomaly sources, as in diffad train (default self,procedural)")
+    p.add_argument("--crop", type=int,
+                   help="train on random crops of this size, as in diffad train (default: the preset's; 0: none)")
+    p.add_argument("--crops-per-image", type=int, help="crops per image and step (default: the preset's)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="as in diffad train: auto (default) uses bf16 only where it is native")
+    p.add_argument("--ema-decay", type=float, default=0.995, help="as in diffad train (default 0.995; 0: off)")
+    p.add_argument("--focal-gamma", type=float, help="as in diffad train (default: TrainConfig's)")
     p.add_argument("--workers", type=int, default=1, help="data-loading worker processes (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the networks train")
     p.add_argument("--note", help="conditions worth knowing, kept with the figures")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing run folder (default: refuse, so no run is lost by accident)")
+                   help="train every run again, replacing its result file (default: a run whose result file "
+                        "exists is skipped and its record reused)")
     p.add_argument("--json", metavar="FILE", help="also write the printed JSON object to FILE")
+
+
+def parse_seeds(args) -> list[int]:
+    """The seeds of --seeds LIST or --seed S (default [0]); ValueError for a malformed or repeated seed."""
+    if args.seeds is not None and args.seed is not None:
+        raise ValueError("give --seeds or --seed, not both")
+    if args.seed is not None:
+        text = str(args.seed)
+    else:
+        text = "0" if args.seeds is None else args.seeds
+    try:
+        seeds = [int(word) for word in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds wants comma-separated whole numbers, not {text!r}") from None
+    if any(seed < 0 for seed in seeds):
+        raise ValueError(f"seeds cannot be negative ({text})")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"a seed is repeated in {text!r}: its runs would collide")
+    return seeds
 
 
 def command_line(args) -> str:
@@ -59,13 +107,26 @@ def command_line(args) -> str:
     words = ["diffad", "bench", "quality", *args.datasets, "--preset", args.preset]
     if args.image_size is not None:
         words += ["--image-size", str(args.image_size)]
+    if getattr(args, "setting", None):
+        words += ["--setting", args.setting]
     words += ["--max-minutes", f"{args.max_minutes:g}"]
     if args.max_steps is not None:
         words += ["--max-steps", str(args.max_steps)]
-    words += ["--out-dir", str(args.out_dir), "--runs-dir", str(args.runs_dir), "--seed", str(args.seed),
+    words += ["--out-dir", str(args.out_dir), "--runs-dir", str(args.runs_dir),
+              "--seeds", ",".join(map(str, parse_seeds(args))),
               "--batch-size", str(args.batch_size), "--lr-schedule", args.lr_schedule]
     if args.anomaly_sources is not None:
         words += ["--anomaly-sources", args.anomaly_sources]
+    if args.crop is not None:
+        words += ["--crop", str(args.crop)]
+    if args.crops_per_image is not None:
+        words += ["--crops-per-image", str(args.crops_per_image)]
+    if args.precision != "auto":
+        words += ["--precision", args.precision]
+    if args.ema_decay != 0.995:
+        words += ["--ema-decay", f"{args.ema_decay:g}"]
+    if args.focal_gamma is not None:
+        words += ["--focal-gamma", f"{args.focal_gamma:g}"]
     words += ["--workers", str(args.workers)]
     if args.device != "cpu":
         words += ["--device", args.device]
@@ -95,7 +156,7 @@ def quality_record(name: str, summary: dict, evaluation: dict, note: str | None 
         "test_images": evaluation["num_test_images"],
         "anomalous_test_images": evaluation["num_anomalous"],
         "eval_images_per_s": evaluation["inference_images_per_s"],
-        "training": {k: summary[k] for k in TRAINING_FIELDS},
+        "training": {k: summary[k] for k in TRAINING_FIELDS if k in summary},
         "torch": summary.get("torch", torch.__version__),
         "machine": machine_summary((extra or {}).get("machine_details")),
     }
@@ -105,34 +166,123 @@ def quality_record(name: str, summary: dict, evaluation: dict, note: str | None 
     return record
 
 
-def markdown_table(records: list[dict]) -> str:
-    """The README's results table for quality records (files with "metrics"); other records are skipped."""
-    records = [r for r in records if "metrics" in r]
-    lines = ["| dataset | preset, input | image AUROC | pixel AUROC | AUPRO | pixel AP | image F1-max | training |",
-             "|---|---|---|---|---|---|---|---|"]
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """The mean and the sample standard deviation (ddof=1, statistics.stdev) of values; std None for one value."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) >= 2 else None)
+
+
+def _table_key(record: dict) -> tuple:
+    """Records of one group share a table row: same dataset, preset, input size and setting. Records older
+    than seeds (no "group") are each their own row."""
+    if "group" not in record:
+        return ("record", record["name"])
+    return ("group", record["dataset"], record["preset"], record["training"]["image_size"], record.get("setting"))
+
+
+def _groups(records: list[dict], key) -> dict:
+    groups: dict = {}
     for r in records:
-        m, t = r["metrics"], r["training"]
-        lines.append(f"| `{r['dataset']}` | {r['preset']}, {t['image_size']} px | "
-                     + " | ".join(f"{m[k]:.3f}" for k in METRICS)
-                     + f" | {t['steps']} steps, {t['train_seconds'] / 60:.1f} min |")
+        groups.setdefault(key(r), []).append(r)
+    return {k: sorted(rs, key=lambda r: r.get("seed", 0)) for k, rs in groups.items()}
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per group ("group", else the record's own name): n, seeds, and for each of METRICS the mean, the
+    sample standard deviation (ddof=1; None when n is 1) and the per-seed values, in seed order; also the
+    mean training steps and minutes."""
+    out = {}
+    for group, rs in _groups([r for r in records if "metrics" in r], lambda r: r.get("group", r["name"])).items():
+        metrics = {}
+        for k in METRICS:
+            values = [r["metrics"][k] for r in rs]
+            mean, std = mean_std(values)
+            metrics[k] = {"mean": mean, "std": std, "values": values}
+        out[group] = {
+            "n": len(rs),
+            "seeds": [r.get("seed") for r in rs],
+            "names": [r["name"] for r in rs],
+            "metrics": metrics,
+            "training": {"mean_steps": statistics.fmean(r["training"]["steps"] for r in rs),
+                         "mean_minutes": statistics.fmean(r["training"]["train_seconds"] / 60 for r in rs)},
+        }
+    return out
+
+
+def _cell(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def markdown_table(records: list[dict]) -> str:
+    """The README's results table for quality records (files with "metrics"); other records are skipped.
+
+    One row per group (same dataset, preset, input size and setting): each metric as "mean ± std" over the
+    group's seeds (sample standard deviation, ddof=1), a plain value for a group of one record; `seeds` is the
+    number of records; training gives the (mean) steps and minutes. A record without "group" (written before
+    seeds) is a row of its own."""
+    records = [r for r in records if "metrics" in r]
+    lines = ["| dataset | preset, input | seeds | image AUROC | pixel AUROC | AUPRO | pixel AP | image F1-max "
+             "| training |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for rs in _groups(records, _table_key).values():
+        r, n = rs[0], len(rs)
+        preset = f"{r['preset']}, {r['training']['image_size']} px" + (f", {r['setting']}" if r.get("setting") else "")
+        steps = statistics.fmean(x["training"]["steps"] for x in rs)
+        minutes = statistics.fmean(x["training"]["train_seconds"] / 60 for x in rs)
+        training = f"{steps:.0f} steps, {minutes:.1f} min" + (" (mean)" if n > 1 else "")
+        lines.append(f"| `{r['dataset']}` | {preset} | {n} | "
+                     + " | ".join(_cell([x["metrics"][k] for x in rs]) for k in METRICS)
+                     + f" | {training} |")
     machines = sorted({r["machine"] for r in records})
     return "\n".join(lines) + ("\n\nMachine: " + "; ".join(machines) if machines else "")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write text to path through a temporary file in the same folder and a rename, so that an interrupted
+    write leaves the old file or none, never half a file (the temporary's name does not end in .json)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_result(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable result ({e}); pass --overwrite to train it again") from None
+    if not isinstance(record, dict) or "metrics" not in record:
+        raise ValueError(f"{path} is not a bench quality result; pass --overwrite to train it again")
+    return record
 
 
 def run(args) -> int:
     import dataclasses
 
+    from ..models import training
     from ..models.data import find_test_samples
     from ..models.evaluation import evaluate_run
     from ..models.synthesis import SynthesisConfig, parse_sources
-    from ..models.training import LEARNING_RATES, TrainConfig, train, training_device
     from .throughput import machine
 
     if (args.max_minutes <= 0 or (args.max_steps is not None and args.max_steps < 1) or args.batch_size < 1
             or (args.image_size is not None and args.image_size < 1)):
         raise ValueError("--max-minutes, --max-steps, --batch-size and --image-size must be positive")
+    setting = getattr(args, "setting", None)
+    if setting is not None and not SETTING.fullmatch(setting):
+        raise ValueError(f"--setting {setting!r}: a short label of letters, digits, '.' and '-' (it names files)")
+    seeds = parse_seeds(args)
     variant = f"{args.preset}_{args.image_size}px" if args.image_size else args.preset
-    device = training_device(args.device)
+    if setting:
+        variant += f"_{setting}"
+    device = training.training_device(args.device)
     out_dir, runs_dir = Path(args.out_dir), Path(args.runs_dir)
     datasets = [Path(d) for d in args.datasets]
     names = [d.resolve().name for d in datasets]
@@ -141,49 +291,75 @@ def run(args) -> int:
     plans = []
     for dataset, name in zip(datasets, names, strict=True):  # every problem reported before hours of training
         find_test_samples(dataset)  # an MVTec-layout category with a labelled test set (DataError otherwise)
-        run_dir = runs_dir / f"{name}_{variant}"
-        if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
-            raise ValueError(f"{run_dir} already exists; pass --overwrite to train it again from scratch")
-        plans.append((dataset, name, run_dir))
+        group = f"{name}_{variant}"
+        for seed in seeds:
+            run_name = f"{group}_seed{seed}"
+            result = out_dir / f"{run_name}.json"
+            existing = None if args.overwrite or not result.exists() else _read_result(result)
+            plans.append((dataset, name, group, seed, runs_dir / run_name, result, existing))
 
     command = command_line(args)
     details = machine()
-    unet_lr, seg_lr = LEARNING_RATES[args.preset]
-    cfg = TrainConfig(batch_size=args.batch_size, unet_lr=unet_lr, segmentation_lr=seg_lr, max_steps=args.max_steps,
-                      max_minutes=args.max_minutes, seed=args.seed, workers=args.workers,
-                      lr_schedule=args.lr_schedule, device=device,
-                      synthesis=SynthesisConfig(sources=parse_sources(args.anomaly_sources)))
-    records, files = [], []
-    for dataset, name, run_dir in plans:
+    unet_lr, seg_lr = training.LEARNING_RATES[args.preset]
+    crop, crops_per_image = training.crop_setting(args.preset, args.crop, args.crops_per_image)
+    cfg = training.TrainConfig(batch_size=args.batch_size, unet_lr=unet_lr, segmentation_lr=seg_lr,
+                               max_steps=args.max_steps, max_minutes=args.max_minutes, seed=seeds[0],
+                               workers=args.workers, lr_schedule=args.lr_schedule, device=device,
+                               crop=crop, crops_per_image=crops_per_image, precision=args.precision,
+                               ema_decay=args.ema_decay,
+                               **({"focal_gamma": args.focal_gamma} if args.focal_gamma is not None else {}),
+                               synthesis=SynthesisConfig(sources=parse_sources(args.anomaly_sources)))
+    budget = {"max_minutes": args.max_minutes, "max_steps": args.max_steps, "batch_size": args.batch_size,
+              "lr_schedule": args.lr_schedule, "device": device, "crop": crop,
+              "crops_per_image": crops_per_image, "ema_decay": args.ema_decay,
+              "focal_gamma": cfg.focal_gamma}
+    records, files, skipped = [], [], []
+    for dataset, name, group, seed, run_dir, result, existing in plans:
+        if existing is not None:
+            log.info("%s seed %d: skipping, result exists: %s", name, seed, result)
+            if existing.get("budget") != budget:
+                log.warning("%s seed %d: %s was made with another budget (%s); pass --overwrite to train it "
+                            "again with this one", name, seed, result, existing.get("budget"))
+            records.append(existing)
+            files.append(str(result))
+            skipped.append(str(result))
+            continue
+        if result.exists():  # --overwrite: the old result goes first, so that it never outlives its run
+            log.info("%s seed %d: --overwrite: removing %s and training the run again", name, seed, result)
+            result.unlink()
+        elif run_dir.exists():
+            log.info("%s seed %d: %s has no result file (an interrupted run): removing it, training it again "
+                     "from scratch", name, seed, run_dir)
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        log.info("%s: training the %s preset for at most %g min%s into %s", name, args.preset, args.max_minutes,
-                 f" / {args.max_steps} steps" if args.max_steps else "", run_dir)
-        summary = train(dataset, run_dir, args.preset, image_size=args.image_size,
-                        train_config=dataclasses.replace(cfg))
-        log.info("%s: evaluating on %s", name, dataset / "test")
+        log.info("%s seed %d: training the %s preset for at most %g min%s into %s", name, seed, args.preset,
+                 args.max_minutes, f" / {args.max_steps} steps" if args.max_steps else "", run_dir)
+        summary = training.train(dataset, run_dir, args.preset, image_size=args.image_size,
+                                 train_config=dataclasses.replace(cfg, seed=seed))
+        log.info("%s seed %d: evaluating on %s", name, seed, dataset / "test")
         evaluation = evaluate_run(run_dir, dataset, run_dir / "eval.json", args.batch_size)
-        record = quality_record(f"{name}_{variant}", summary, evaluation, args.note, extra={
+        extra = {
+            "group": group,
+            "seed": seed,
+            **({"setting": setting} if setting else {}),
             "run_dir": str(run_dir),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": command,
             "machine_details": details,
             "onnxruntime": details.get("onnxruntime"),
-            "budget": {"max_minutes": args.max_minutes, "max_steps": args.max_steps,
-                       "batch_size": args.batch_size, "lr_schedule": args.lr_schedule,
-                       "device": device},
+            "budget": budget,
             "anomaly_sources": list(cfg.synthesis.sources),
-        })
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{record['name']}.json"
-        path.write_text(json.dumps(record, indent=2) + "\n")
-        log.info("%s: %s; written to %s", name,
-                 ", ".join(f"{k} {record['metrics'][k]:.3f}" for k in METRICS), path)
+        }
+        record = quality_record(f"{group}_seed{seed}", summary, evaluation, args.note, extra=extra)
+        write_atomically(result, json.dumps(record, indent=2) + "\n")  # last: the run is finished
+        log.info("%s seed %d: %s; written to %s", name, seed,
+                 ", ".join(f"{k} {record['metrics'][k]:.3f}" for k in METRICS), result)
         records.append(record)
-        files.append(str(path))
+        files.append(str(result))
 
     table = markdown_table(records)
-    out = {"benchmark": "quality", "command": command, "files": files, "results": records, "table": table}
+    out = {"benchmark": "quality", "command": command, "files": files, "skipped": skipped, "results": records,
+           "summary": summarize(records), "table": table}
     text = json.dumps(out, indent=2)
     print(table, file=sys.stderr)
     print(text)
