@@ -231,11 +231,12 @@ def _add_service_verbs(verbs) -> None:
     from .benchmarks.quality import add_arguments as add_quality_arguments
 
     add_quality_arguments(benches.add_parser(
-        "quality", help="train, evaluate and record each category (one JSON per category in --out-dir)",
-        description="For each MVTec-layout DATASET: train with the preset and time budget into "
-        "RUNS_DIR/<dataset>_<preset>, evaluate on its test set (which calibrates the threshold) and write "
-        "OUT_DIR/<dataset>_<preset>.json, the format `bench/render_results.py table` puts in the README; "
-        "print every record and the Markdown table as one JSON object."))
+        "quality", help="train, evaluate and record each category and seed (one JSON each in --out-dir)",
+        description="For each MVTec-layout DATASET and each seed of --seeds: train with the preset and time "
+        "budget into RUNS_DIR/<dataset>_<preset>_seed<S>, evaluate on its test set and write "
+        "OUT_DIR/<dataset>_<preset>_seed<S>.json (a run whose file exists is skipped, so a rerun resumes); "
+        "print every record, each setting's mean and std over its seeds and the Markdown table that "
+        "`bench/render_results.py table` puts in the README, as one JSON object."))
     from .benchmarks.speed import add_arguments as add_speed_arguments
 
     add_speed_arguments(benches.add_parser(

@@ -190,6 +190,9 @@ def test_bundle_json_has_every_field(bundle_dir, model):
     assert set(manifest["outputs"]) == {"anomaly_map", "score"}
     assert (manifest["t_s"], manifest["t_l"], manifest["w"], manifest["noise_seed"], manifest["top_k"]) == \
         (cfg.t_s, cfg.t_l, cfg.w, cfg.noise_seed, cfg.top_k)
+    assert manifest["map_sigma"] == cfg.map_sigma == 0.8
+    standardization = manifest["input_standardization"]
+    assert (standardization["mean"], standardization["std"]) == ([0.45, 0.5, 0.55], [0.2, 0.25, 0.3])
     assert manifest["threshold"] == CALIBRATION.threshold
     norm = manifest["score_normalization"]
     assert (norm["method"], norm["score_min"], norm["score_max"]) == ("f1", 0.1, 0.9)

@@ -153,9 +153,9 @@ class SyntheticAnomalyDataset(Dataset):
                 window = (slice(top, top + self.crop), slice(left, left + self.crop))
                 image = full[window]
                 fg = full_fg[window] if full_fg is not None else None
-                if fg is not None and not fg.any():  # a crop of background only: anomalies go anywhere
-                    fg = np.ones_like(fg)
-            image, mask, has_anomaly = self.synthesizer(image, rng, fg)
+            # A crop of background only stays a good sample: defects belong on the part.
+            background_only = fg is not None and not fg.any()
+            image, mask, has_anomaly = self.synthesizer(image, rng, fg, force=False if background_only else None)
             images.append(image.transpose(2, 0, 1))
             masks.append(mask[None])
             flags.append(float(has_anomaly))
@@ -384,6 +384,28 @@ def load_training_images(data_dir: str | Path, image_size: int, channels: int | 
     return paths, images, foregrounds, channels
 
 
+def split_validation(data_dir, paths: list[Path], images: np.ndarray, foregrounds: np.ndarray | None,
+                     channels: int, fraction: float, synthesis: SynthesisConfig):
+    """(training paths, images, foregrounds, ValidationSet or None, held-out paths).
+
+    validation/good when the category has one (training keeps every train/good image), else a fixed share
+    of train/good held out of training (holdout_split)."""
+    extra = find_validation_images(data_dir)
+    if extra:
+        val_images = read_images(extra, images.shape[1], channels)
+        val_fg = np.stack([estimate_foreground(im) for im in val_images]) if foregrounds is not None else None
+        source, held_paths = f"{len(extra)} images of validation/good", []
+    else:
+        held = holdout_split(len(images), fraction)
+        keep = np.setdiff1d(np.arange(len(images)), held)
+        val_images, val_fg = images[held], foregrounds[held] if foregrounds is not None else None
+        source, held_paths = f"{len(held)} images held out of train/good", [str(paths[i]) for i in held]
+        images, foregrounds = images[keep], foregrounds[keep] if foregrounds is not None else None
+        paths = [paths[i] for i in keep]
+    vset = make_validation_set(val_images, val_fg, synthesis, source) if len(val_images) else None
+    return paths, images, foregrounds, vset, held_paths
+
+
 VALIDATION_LOG = "validation_log.jsonl"
 BEST_FILE = "best.safetensors"   # the best EMA model by validation score so far (metadata: step, score)
 
@@ -421,22 +443,8 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
     paths, images, foregrounds, channels = load_training_images(
         data_dir, image_size or preset(preset_name).image_size, channels, cfg.synthesis.foreground)
 
-    # Validation images: validation/good when the category has one, else a fixed share held out of training.
-    extra = find_validation_images(data_dir)
-    if extra:
-        val_images = read_images(extra, images.shape[1], channels)
-        val_fg = np.stack([estimate_foreground(im) for im in val_images]) if foregrounds is not None else None
-        val_source = f"{len(extra)} images of validation/good"
-        held_paths = []
-    else:
-        held = holdout_split(len(images), cfg.validation_fraction)
-        keep = np.setdiff1d(np.arange(len(images)), held)
-        val_images, val_fg = images[held], foregrounds[held] if foregrounds is not None else None
-        val_source = f"{len(held)} images held out of train/good"
-        held_paths = [str(paths[i]) for i in held]
-        images, foregrounds = images[keep], foregrounds[keep] if foregrounds is not None else None
-        paths = [paths[i] for i in keep]
-    vset = (make_validation_set(val_images, val_fg, cfg.synthesis, val_source) if len(val_images) else None)
+    paths, images, foregrounds, vset, held_paths = split_validation(data_dir, paths, images, foregrounds, channels,
+                                                                    cfg.validation_fraction, cfg.synthesis)
 
     if state_path is None:
         model_config = preset(preset_name, image_size=images.shape[1], in_channels=channels)
