@@ -373,7 +373,7 @@ def quality_result(dataset="weave", seed=None, auroc=0.5, steps=100, image_size=
 def test_markdown_table_aggregates_seeds_and_renders_old_records():
     from diffad.benchmarks.quality import summarize
 
-    old = json.loads((ROOT / "bench" / "results" / "dagm_class1_small.json").read_text())  # before seeds
+    old = json.loads((ROOT / "bench" / "results" / "previous_training" / "dagm_class1_small.json").read_text())
     assert "seed" not in old and "group" not in old
     seeds = [quality_result(seed=0, auroc=0.9, steps=100), quality_result(seed=1, auroc=0.8, steps=200)]
     ablation = quality_result(seed=0, auroc=0.7, setting="crop64")
