@@ -139,7 +139,8 @@ def machine_summary(details: dict | None = None) -> str:
 
     details = details or machine()
     cpu = details.get("cpu") or details["processor"]
-    return f"{cpu}, {details.get('cpu_count')} cores, {details.get('gpu', 'no GPU')}"
+    bf16 = {True: ", native bf16", False: ", no native bf16"}.get(details.get("native_bf16_cpu"), "")
+    return f"{cpu}, {details.get('cpu_count')} cores{bf16}, {details.get('gpu', 'no GPU')}"
 
 
 def quality_record(name: str, summary: dict, evaluation: dict, note: str | None = None,

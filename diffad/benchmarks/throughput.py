@@ -172,6 +172,9 @@ def _cuda_graph(run: Callable[[], tuple]) -> Callable[[], tuple]:
     return replay
 
 
+RELEVANT_CPU_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "python": platform.python_version()}
@@ -180,9 +183,12 @@ def machine() -> dict:
 
         info["cpu_count"] = os.cpu_count()
         with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+            lines = f.read().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         if names:
             info["cpu"] = names[0]
+        flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+        info["cpu_flags"] = sorted(flags & RELEVANT_CPU_FLAGS)  # what decides bf16 and vector speed
     except OSError:
         pass
     for module in ("torch", "onnxruntime", "numpy"):
@@ -193,6 +199,7 @@ def machine() -> dict:
     try:
         import torch
 
+        info["native_bf16_cpu"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             info["gpu"] = props.name
