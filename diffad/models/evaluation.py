@@ -90,9 +90,9 @@ def predict(model: DiffusionAD, images: np.ndarray, batch_size: int = 8, desc: s
     maps, scores = [], []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
         batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size].transpose(0, 3, 1, 2)))
-        anomaly_map, score = pipeline(model, batch, reconstruct)
-        maps.append(anomaly_map[:, 0].numpy())
-        scores.append(score.numpy())
+        anomaly_map, score = pipeline(model, batch.to(model.noise.device), reconstruct)
+        maps.append(anomaly_map[:, 0].float().cpu().numpy())
+        scores.append(score.float().cpu().numpy())
     return np.concatenate(maps), np.concatenate(scores)
 
 

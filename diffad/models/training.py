@@ -36,6 +36,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .data import detect_channels, find_train_images, find_validation_images, read_images
 from .diffusionad import DiffusionAD, ModelConfig
+from .evaluation import predict
 from .metrics import image_auroc, pixel_ap, pixel_auroc
 from .presets import describe, preset
 from .schedule import clamp
@@ -301,15 +302,7 @@ def make_validation_set(good: np.ndarray, foregrounds: np.ndarray | None, synthe
 @torch.inference_mode()
 def validate(model: DiffusionAD, vset: ValidationSet, batch_size: int = 8) -> dict[str, float]:
     """Image AUROC, pixel AUROC and pixel AP on the validation set, and their mean (the selection score)."""
-    model.eval()
-    device = model.noise.device
-    maps, scores = [], []
-    for start in range(0, len(vset), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(vset.images[start:start + batch_size].transpose(0, 3, 1, 2)))
-        anomaly_map, score = model(batch.to(device))
-        maps.append(anomaly_map[:, 0].float().cpu().numpy())
-        scores.append(score.float().cpu().numpy())
-    maps_np, scores_np = np.concatenate(maps), np.concatenate(scores)
+    maps_np, scores_np = predict(model, vset.images, batch_size, progress=False)
     result = {"image_auroc": image_auroc(vset.labels, scores_np), "pixel_auroc": pixel_auroc(vset.masks, maps_np),
               "pixel_ap": pixel_ap(vset.masks, maps_np)}
     # The train/eval map check: does the map tell the anomaly from its surroundings at all?
@@ -504,6 +497,9 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
             best_score = result["score"]
             ckpt.save_model(run_dir / BEST_FILE, candidate, {"step": step, "validation_score": best_score,
                                                              "validation": json.dumps(result)})
+        validations.append({"step": step, **result})
+        with (run_dir / VALIDATION_LOG).open("a") as f:
+            f.write(json.dumps(validations[-1]) + "\n")
         return result
 
     model.train()
@@ -544,9 +540,6 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
                 log_file.flush()
             if vset is not None and step % cfg.validate_every == 0:
                 result = check(step)
-                validations.append({"step": step, **result})
-                with (run_dir / VALIDATION_LOG).open("a") as f:
-                    f.write(json.dumps({"step": step, **result}) + "\n")
                 log.debug("step %d validation %s", step, result)
                 bar.set_description(f"training (val {result['score']:.3f}, best {best_score:.3f})")
                 model.train()
@@ -559,9 +552,7 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
     elapsed = time.monotonic() - started
     _save_checkpoint(run_dir, model, optimizer, step, cfg.keep_checkpoints, ema)
     if vset is not None and step % cfg.validate_every != 0:
-        validations.append({"step": step, **check(step)})
-        with (run_dir / VALIDATION_LOG).open("a") as f:
-            f.write(json.dumps(validations[-1]) + "\n")
+        check(step)
 
     # The model kept: the best validated one, else the averaged (or raw) weights; BatchNorm re-estimated.
     if vset is not None and (run_dir / BEST_FILE).is_file():
