@@ -21,7 +21,7 @@ import json
 import re
 from pathlib import Path
 
-from diffad.benchmarks.quality import markdown_table, quality_record
+from diffad.benchmarks.quality import defect_type_table, markdown_table, quality_record
 from diffad.benchmarks.speed import markdown_tables as speed_tables
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,10 @@ def collect(run_dir: Path, name: str, note: str | None = None) -> Path:
 def table(results: Path = RESULTS) -> str:
     """The README's quality table from every results file with "metrics" (speed results have none), the
     seeds of one group aggregated into one row (diffad.benchmarks.quality.markdown_table)."""
-    return markdown_table([json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))])
+    records = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))]
+    defects = defect_type_table(records)
+    return markdown_table(records) + (f"\n\nBy defect type (each against the good test images):\n\n{defects}"
+                                      if defects else "")
 
 
 def speed(speed_record: Path = SPEED_RECORD, load_record: Path | None = LOAD_RECORD) -> str | None:

@@ -396,6 +396,27 @@ def test_markdown_table_aggregates_seeds_and_renders_old_records():
     assert summary["dagm_class1_small"]["n"] == 1 and summary["dagm_class1_small"]["metrics"]["pixel_ap"]["std"] is None
 
 
+def test_defect_type_table_aggregates_each_type_over_seeds():
+    from diffad.benchmarks.quality import defect_type_table
+
+    def with_types(seed, hole, uneven):
+        record = quality_result(seed=seed)
+        record["per_defect_type"] = {
+            "hole": {"images": 4, "image_auroc": hole, "pixel_auroc": hole, "pixel_ap": 0.5, "defect_area": 0.002},
+            "uneven": {"images": 9, "image_auroc": uneven, "pixel_auroc": uneven, "pixel_ap": 0.1,
+                       "defect_area": 0.25}}
+        return record
+
+    assert defect_type_table([quality_result(seed=0)]) == ""  # records from before per-type figures
+    table = defect_type_table([with_types(0, 1.0, 0.5), with_types(1, 0.9, 0.6), quality_result(dataset="grid")])
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    std = statistics.stdev([1.0, 0.9])
+    assert rows == [
+        f"| `weave` | tiny, 32 px | 2 | hole | 4 | 0.20 % | 0.950 ± {std:.3f} | 0.950 ± {std:.3f} | 0.500 ± 0.000 |",
+        f"| `weave` | tiny, 32 px | 2 | uneven | 9 | 25.00 % | 0.550 ± {std:.3f} | 0.550 ± {std:.3f} | 0.100 ± 0.000 |",
+    ]
+
+
 def test_result_files_are_written_atomically(tmp_path, monkeypatch):
     from diffad.benchmarks import quality
 

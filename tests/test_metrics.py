@@ -8,6 +8,7 @@ import pytest
 from diffad.models.metrics import (
     aupro,
     compute_metrics,
+    per_defect_type,
     f1_max,
     image_auroc,
     pixel_ap,
@@ -214,3 +215,29 @@ def test_compute_metrics_keys_and_ranges() -> None:
 def test_compute_metrics_count_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="3 labels but 2"):
         compute_metrics([0, 1, 1], [0.1, 0.5, 0.9], np.ones((2, 2, 2)), np.ones((2, 2, 2)))
+
+
+def test_per_defect_type_separates_what_the_overall_figure_mixes() -> None:
+    # Two good images, a "hole" the model finds (high score, map hot on its mask) and an "uneven" one it
+    # misses (low score, map cold on its large mask): apart, one type scores 1.0 and the other 0.0.
+    labels = [0, 0, 1, 1]
+    scores = [0.2, 0.3, 0.9, 0.1]
+    masks = np.zeros((4, 2, 2))
+    masks[2, 0, 0] = 1
+    masks[3, :, :1] = 1
+    maps = np.full((4, 2, 2), 0.5)
+    maps[2, 0, 0] = 0.9
+    maps[3, :, :1] = 0.1
+    types = ["good", "good", "hole", "uneven"]
+    result = per_defect_type(labels, scores, masks, maps, types)
+    assert sorted(result) == ["hole", "uneven"]
+    assert result["hole"] == {"images": 1, "image_auroc": 1.0, "pixel_auroc": 1.0, "pixel_ap": 1.0,
+                              "defect_area": 0.25}
+    assert result["uneven"]["image_auroc"] == 0.0
+    assert result["uneven"]["pixel_auroc"] == 0.0
+    assert result["uneven"]["defect_area"] == 0.5
+
+
+def test_per_defect_type_needs_good_images() -> None:
+    with pytest.raises(ValueError, match="needs good images"):
+        per_defect_type([1, 1], [0.1, 0.2], np.ones((2, 2, 2)), np.ones((2, 2, 2)), ["a", "b"])

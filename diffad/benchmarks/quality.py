@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                    help="learning-rate schedule over the budget, as in diffad train (default cosine)")
     p.add_argument("--anomaly-sources", metavar="LIST",
-                   help="synthetic anomaly sources, as in diffad train (default self,procedural)")
+                   help="synthetic anomaly sources, as in diffad train (default: its default)")
     p.add_argument("--crop", type=int,
                    help="train on random crops of this size, as in diffad train (default: the preset's; 0: none)")
     p.add_argument("--crops-per-image", type=int, help="crops per image and step (default: the preset's)")
@@ -153,6 +153,7 @@ def quality_record(name: str, summary: dict, evaluation: dict, note: str | None 
         "dataset": Path(evaluation["data_dir"]).name,
         "preset": summary["preset"],
         "metrics": {k: evaluation[k] for k in METRICS},
+        **({"per_defect_type": evaluation["per_defect_type"]} if "per_defect_type" in evaluation else {}),
         "calibrated_threshold": evaluation.get("calibrated_threshold"),
         "test_images": evaluation["num_test_images"],
         "anomalous_test_images": evaluation["num_anomalous"],
@@ -236,6 +237,28 @@ def markdown_table(records: list[dict]) -> str:
                      + f" | {training} |")
     machines = sorted({r["machine"] for r in records})
     return "\n".join(lines) + ("\n\nMachine: " + "; ".join(machines) if machines else "")
+
+
+def defect_type_table(records: list[dict]) -> str:
+    """Per defect type, the figures of each group's records that have them ("per_defect_type"): image AUROC,
+    pixel AUROC and pixel AP of that type against the good test images, mean ± std over the seeds, and the
+    type's share of its images' pixels (large defects decide a category's pixel AUROC). "" when none has."""
+    records = [r for r in records if "per_defect_type" in r]
+    if not records:
+        return ""
+    lines = ["| dataset | preset, input | seeds | defect type | images | defect area | image AUROC | pixel AUROC "
+             "| pixel AP |", "|---|---|---|---|---|---|---|---|---|"]
+    for rs in _groups(records, _table_key).values():
+        r = rs[0]
+        preset = f"{r['preset']}, {r['training']['image_size']} px" + (f", {r['setting']}" if r.get("setting") else "")
+        for name, first in r["per_defect_type"].items():
+            entries = [x["per_defect_type"][name] for x in rs if name in x["per_defect_type"]]
+            cells = [_cell([e[k] for e in entries]) if all(k in e for e in entries) else "–"
+                     for k in ("image_auroc", "pixel_auroc", "pixel_ap")]
+            area = f"{100 * first['defect_area']:.2f} %" if "defect_area" in first else "–"
+            lines.append(f"| `{r['dataset']}` | {preset} | {len(entries)} | {name} | {first['images']} | {area} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .data import find_test_samples, find_validation_images, read_image, read_mask
 from .diffusionad import DiffusionAD
-from .metrics import compute_metrics, threshold_from_f1, threshold_from_quantile
+from .metrics import compute_metrics, per_defect_type, threshold_from_f1, threshold_from_quantile
 
 log = logging.getLogger("diffad.evaluate")
 
@@ -120,6 +120,7 @@ def evaluate(model: DiffusionAD, data_dir: str | Path, batch_size: int = 8, cali
     seconds = time.monotonic() - started
     metrics = compute_metrics(labels, scores, masks, maps)
     metrics.update({
+        "per_defect_type": per_defect_type(labels, scores, masks, maps, [s.defect_type for s in samples]),
         "num_test_images": len(samples),
         "num_anomalous": int(labels.sum()),
         "defect_types": sorted({s.defect_type for s in samples} - {"good"}),

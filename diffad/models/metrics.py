@@ -17,6 +17,7 @@ __all__ = [
     "compute_metrics",
     "f1_max",
     "image_auroc",
+    "per_defect_type",
     "pixel_ap",
     "pixel_auroc",
     "threshold_from_f1",
@@ -247,3 +248,31 @@ def compute_metrics(
         "image_f1_max": f1,
         "image_f1_threshold": threshold,
     }
+
+
+def per_defect_type(
+    labels: ArrayLike, scores: ArrayLike, masks: ArrayLike, maps: ArrayLike, defect_types: ArrayLike
+) -> dict[str, dict[str, float]]:
+    """Image AUROC, pixel AUROC and pixel AP of each defect type against all good images.
+
+    A category's overall figures mix its defect types by count and by area: one type with large masks
+    can decide the pixel AUROC alone. Apart, they show which kind of defect the model misses.
+    """
+    y, s = _as_image_inputs(labels, scores)
+    gt, amap = _as_masks_and_maps(masks, maps)
+    types = np.asarray(defect_types).astype(str)
+    if types.shape != y.shape or gt.shape[0] != y.size:
+        raise ValueError(f"got {y.size} labels, {types.size} defect types and {gt.shape[0]} masks/maps")
+    good = y == 0
+    if not good.any():
+        raise ValueError("per_defect_type needs good images to compare each defect type with")
+    result = {}
+    for name in sorted(set(types[~good])):
+        chosen = good | (types == name)
+        entry = {"images": int(np.count_nonzero(types == name)), "image_auroc": image_auroc(y[chosen], s[chosen])}
+        if gt[chosen].any():
+            entry["pixel_auroc"] = pixel_auroc(gt[chosen], amap[chosen])
+            entry["pixel_ap"] = pixel_ap(gt[chosen], amap[chosen])
+            entry["defect_area"] = float(gt[types == name].mean())
+        result[name] = entry
+    return result
