@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what synthetic anomalies are filled with, comma-separated: self (the image, altered "
                    "and shuffled), smudge (the image blurred and darkened or lightened, soft-edged: stains, "
                    "wear), blur (texture smoothed away, brightness kept), restyle (a foreign pattern at the "
-                   "image's own mean and contrast), procedural (generated textures); default "
+                   "image's own mean and contrast), shade (large regions of the same texture a little darker or "
+                   "lighter: uneven finish or light), procedural (generated textures); default "
                    "self,procedural,blur,restyle")
     p.add_argument("--texture-dir", help="optional folder of texture images as an extra anomaly source")
     p.add_argument("--workers", type=int, default=1, help="data-loading worker processes (default 1)")

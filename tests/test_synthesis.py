@@ -19,6 +19,7 @@ from diffad.models.synthesis import (
     procedural_texture,
     restyle_source,
     self_augmentation_source,
+    shade_source,
     smudge_source,
 )
 
@@ -436,3 +437,22 @@ def test_restyle_takes_the_images_mean_and_contrast() -> None:
     synth = AnomalySynthesizer(SynthesisConfig(sources=("restyle",), foreground="none"))
     out, mask, made = synth(texture, np.random.default_rng(0), force=True)
     assert made and not np.array_equal(out, texture)
+
+
+def test_shade_shifts_brightness_and_keeps_the_texture() -> None:
+    texture = _texture()
+    shifts = []
+    for seed in range(8):
+        source = shade_source(texture, np.random.default_rng(seed))
+        shift = float(source.mean() - texture.mean())
+        # half to twice the image's spread (0.1), either way: visible as a shade, not as a new pattern
+        assert 0.04 <= abs(shift) <= 0.21
+        shifts.append(shift)
+        fine = texture - ndimage.gaussian_filter(texture, (2.0, 2.0, 0))
+        assert np.corrcoef((source - ndimage.gaussian_filter(source, (2.0, 2.0, 0))).ravel(), fine.ravel())[0, 1] > 0.9
+    assert min(shifts) < 0 < max(shifts)  # darker and lighter both occur
+    synth = AnomalySynthesizer(SynthesisConfig(sources=("shade",), foreground="none"))
+    out, mask, made = synth(texture, np.random.default_rng(2), force=True)
+    inside = mask.astype(bool)
+    assert made and inside.mean() > 0.02
+    np.testing.assert_array_equal(out[~inside], texture[~inside])

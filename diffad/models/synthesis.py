@@ -9,6 +9,8 @@ An anomaly is made from a good image in three steps:
    spot), the image with its texture smoothed away but its local brightness kept ("blur": polished,
    worn or blurred patches, as DAGM's defects are), a self or procedural source re-standardised to the
    image's own mean and contrast ("restyle": a foreign structure that does not stand out by brightness),
+   the image itself a little darker or lighter, its texture kept ("shade": an unevenly finished or lit
+   region, opt in),
    a texture generated in code ("procedural"), or a texture file ("texture");
 3. the blend ``out = (1 - m) * image + m * ((1 - beta) * image + beta * source)`` with a random
    opacity ``beta``; a smudge's or blur's opacity reaches 1 inside and fades towards the mask's border
@@ -40,21 +42,22 @@ __all__ = [
     "smudge_source",
     "blur_source",
     "restyle_source",
+    "shade_source",
     "procedural_texture",
     "parse_sources",
 ]
 
-KNOWN_SOURCES = ("self", "smudge", "blur", "restyle", "procedural", "texture")
-# Sources painted as soft-edged blobs: coarse Perlin masks, opacity feathered towards the border.
-_SOFT_SOURCES = ("smudge", "blur")
+KNOWN_SOURCES = ("self", "smudge", "blur", "restyle", "shade", "procedural", "texture")
+# Sources painted as soft-edged regions: coarse Perlin masks (at most 2**n cells per axis: a smudge or blur
+# is a blob, a shade a large region), opacity feathered towards the border.
+_COARSEST_SCALE_LOG2 = {"smudge": 3, "blur": 3, "shade": 2}
+_SOFT_SOURCES = tuple(_COARSEST_SCALE_LOG2)
 # Their opacity deep inside the blob: up to fully replaced.
 _SOFT_OPACITY = (0.5, 1.0)
 TEXTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 # A new Perlin mask is drawn this many times at most before giving up on an anomaly.
 _MASK_ATTEMPTS = 5
-# A smudge's Perlin mask uses at most 2**3 cells per axis.
-_SMUDGE_MAX_SCALE_LOG2 = 3
 # ITU-R BT.601 luminance weights, used wherever colour has to become grayscale.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -342,6 +345,23 @@ def restyle_source(image: np.ndarray, source: np.ndarray, rng: np.random.Generat
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+def shade_source(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image shifted in brightness by U[0.5, 2) of its own spread (darker more often) and its texture
+    gain changed by U[0.7, 1.4): the same surface, unevenly finished or lit.
+
+    Real "uneven" defects (magnetic tiles, say) are large regions of the same texture in another shade;
+    the other sources either keep the brightness or replace the texture.
+    """
+    image = _as_hwc(image)
+    axes = (0, 1)
+    sigma = 0.02 * min(image.shape[:2]) + 0.5
+    local_mean = ndimage.gaussian_filter(image, sigma=(sigma, sigma, 0))
+    sign = -1.0 if rng.random() < 0.6 else 1.0
+    shift = sign * rng.uniform(0.5, 2.0) * np.maximum(image.std(axes), 0.01)
+    out = local_mean + shift + rng.uniform(0.7, 1.4) * (image - local_mean)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
 def _feathered(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Opacity weights in [0, 1]: 1 deep inside the mask, falling towards its border, 0 outside."""
     sigma = rng.uniform(0.005, 0.02) * min(mask.shape) + 0.5
@@ -578,7 +598,7 @@ class AnomalySynthesizer:
         mask_config = self.config
         if name in _SOFT_SOURCES:
             # A stain is a blob: fine-scale speckle would fade to nothing visible and teach false alarms.
-            coarsest = min(self.config.max_scale_log2, _SMUDGE_MAX_SCALE_LOG2)
+            coarsest = min(self.config.max_scale_log2, _COARSEST_SCALE_LOG2[name])
             mask_config = replace(self.config, max_scale_log2=max(coarsest, self.config.min_scale_log2))
         needed = max(1.0, self.config.min_mask_fraction * float(region.sum()))
         for _ in range(_MASK_ATTEMPTS):
@@ -616,6 +636,8 @@ class AnomalySynthesizer:
             return smudge_source(image, rng)
         if name == "blur":
             return blur_source(image, rng)
+        if name == "shade":
+            return shade_source(image, rng)
         if name == "restyle":
             if rng.random() < 0.5:
                 return restyle_source(image, self_augmentation_source(image, rng), rng)

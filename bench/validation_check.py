@@ -1,0 +1,69 @@
+"""Score trained runs on common validation sets: compare runs whose own validation sets differ.
+
+Each run is validated during training on anomalies drawn from its own anomaly sources, so two runs trained
+with different sources are scored on different tasks and their validation figures do not compare. This
+builds one validation set per `--sources` list, exactly as training builds its own (the same held-out good
+images, the same fixed seed), and scores every run on every set. Test labels are never read.
+
+    python bench/validation_check.py ../shared/datasets/magnetic_tile runs/bench/magnetic_tile_small_seed0 \\
+        runs/bench/magnetic_tile_small_shade_seed0 --sources self,procedural,blur,restyle \\
+        --sources self,procedural,blur,restyle,shade --json bench/results/tuning/magnetic_tile_shade_validation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from diffad.benchmarks.throughput import machine
+from diffad.models import checkpoint as ckpt
+from diffad.models.data import find_train_images, read_images
+from diffad.models.synthesis import estimate_foreground, parse_sources
+from diffad.models.training import _train_config_from_dict, split_validation, validate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("runs", type=Path, nargs="+", help="run folders, all trained on data_dir")
+    parser.add_argument("--sources", action="append", required=True,
+                        help="a comma-separated list of anomaly sources: one validation set (repeat the flag)")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args()
+
+    configs = [(run, json.loads((run / ckpt.CONFIG_FILE).read_text())) for run in args.runs]
+    first = _train_config_from_dict(configs[0][1]["train"])
+    models = {str(run): ckpt.load_model(run).eval() for run, _ in configs}
+    sizes = {(m.config.image_size, m.config.in_channels) for m in models.values()}
+    if len(sizes) != 1:
+        raise SystemExit(f"the runs differ in input size or channels: {sorted(sizes)}")
+    (size, channels), = sizes
+    paths = find_train_images(args.data_dir)
+    images = read_images(paths, size, channels)
+    foregrounds = (np.stack([estimate_foreground(im) for im in images])
+                   if first.synthesis.foreground == "auto" else None)
+
+    results = {}
+    for text in args.sources:
+        synthesis = dataclasses.replace(first.synthesis, sources=parse_sources(text))
+        *_, vset, _ = split_validation(args.data_dir, paths, images, foregrounds, channels,
+                                       first.validation_fraction, synthesis)
+        results[",".join(synthesis.sources)] = {
+            "validation": vset.source, "images": len(vset),
+            "runs": {run: validate(model, vset) for run, model in models.items()}}
+    out = {"data_dir": str(args.data_dir), "sets": results,
+           "run_sources": {str(run): saved["train"]["synthesis"]["sources"] for run, saved in configs},
+           "machine": machine()}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
