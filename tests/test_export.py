@@ -241,6 +241,19 @@ def _drop_field(path, field):
     path.write_text(json.dumps(manifest))
 
 
+def _add_file_entry(path, name):
+    manifest = json.loads(path.read_text())
+    (path.parent.parent / "outside.txt").write_text("not the bundle's")
+    manifest["files"][name] = "0" * 64
+    path.write_text(json.dumps(manifest))
+
+
+def _point_onnx_at(path, name):
+    manifest = json.loads(path.read_text())
+    manifest["onnx"]["file"] = name
+    path.write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize("damage, expected", [
     (lambda b: _flip_a_byte(b / "model.onnx"), r"corrupted: .*model\.onnx"),
     (lambda b: (b / "model.safetensors").unlink(), r"missing: .*model\.safetensors"),
@@ -248,12 +261,27 @@ def _drop_field(path, field):
                                                   r"schema_version 1"),
     (lambda b: (b / "bundle.json").unlink(), r"bundle\.json is missing"),
     (lambda b: _drop_field(b / "bundle.json", "top_k"), r"bundle\.json lacks required fields: top_k"),
-], ids=["corrupted-onnx", "missing-weights", "other-schema", "no-bundle-json", "missing-field"])
+    (lambda b: _add_file_entry(b / "bundle.json", "../outside.txt"), r"lists a file outside the bundle: '\.\./outside"),
+    (lambda b: _add_file_entry(b / "bundle.json", "/etc/hostname"), r"lists a file outside the bundle: '/etc/hostname'"),
+    (lambda b: _point_onnx_at(b / "bundle.json", "../model.onnx"), r"lists a file outside the bundle"),
+], ids=["corrupted-onnx", "missing-weights", "other-schema", "no-bundle-json", "missing-field", "file-above",
+        "absolute-file", "onnx-above"])
 def test_damaged_bundle_is_refused_naming_the_file(bundle_copy, damage, expected):
     load_bundle(bundle_copy)  # intact
     damage(bundle_copy)
     with pytest.raises(BundleError, match=expected):
         load_bundle(bundle_copy)
+
+
+def test_sealing_skips_temporary_files(bundle_copy):
+    from diffad.export.bundle import seal_bundle
+
+    (bundle_copy / "model.onnx.tmp").write_text("{}")  # interrupted writes' leftovers
+    (bundle_copy / "engine.plan.part").write_bytes(b"half")
+    manifest = seal_bundle(bundle_copy, json.loads((bundle_copy / "bundle.json").read_text()))
+    assert not {"model.onnx.tmp", "engine.plan.part"} & set(manifest["files"])
+    assert "model.onnx" in manifest["files"]
+    load_bundle(bundle_copy)
 
 
 def test_bundle_module_does_not_import_torch():

@@ -126,11 +126,27 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# Left by an interrupted write (ours: bundle.json.tmp; editors' and tools' alike): never sealed into a bundle.
+TEMPORARY_SUFFIXES = (".tmp", ".part", ".swp", "~")
+
+
 def bundle_files(bundle_dir: str | Path) -> list[str]:
-    """Every file of the bundle except bundle.json, as paths relative to the bundle (sorted)."""
+    """Every file of the bundle except bundle.json and temporary files, as paths relative to the bundle
+    (sorted)."""
     root = Path(bundle_dir)
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.is_file() and p.relative_to(root).as_posix() != MANIFEST_FILE)
+                  if p.is_file() and p.relative_to(root).as_posix() != MANIFEST_FILE
+                  and not p.name.endswith(TEMPORARY_SUFFIXES))
+
+
+def contained_path(bundle_dir: Path, name: str) -> Path:
+    """bundle_dir / name, refused unless it stays inside the bundle: a key like "../x" or "/etc/x" in
+    bundle.json must not make the service read (and hash) files elsewhere."""
+    if isinstance(name, str) and name and not Path(name).is_absolute():
+        path = (bundle_dir / name).resolve()
+        if path.is_relative_to(bundle_dir.resolve()):
+            return path
+    raise BundleError(f"{bundle_dir / MANIFEST_FILE} lists a file outside the bundle: {str(name)[:200]!r}")
 
 
 def seal_bundle(bundle_dir: str | Path, manifest: dict) -> dict:
@@ -196,7 +212,7 @@ def verify_files(bundle_dir: str | Path, manifest: dict) -> None:
         if name not in files:
             raise BundleError(f"{bundle_dir / MANIFEST_FILE} does not list a hash for {name}")
     for name, expected in files.items():
-        path = bundle_dir / name
+        path = contained_path(bundle_dir, name)
         if not path.is_file():
             raise BundleError(f"bundle file missing: {path} (listed in {bundle_dir / MANIFEST_FILE})")
         actual = sha256_file(path)
@@ -209,6 +225,8 @@ def load_bundle(bundle_dir: str | Path, verify: bool = True) -> Bundle:
     """Read and check a bundle: schema version, required fields and (unless verify=False) every hash."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
+    for entry in [manifest["onnx"], *manifest["engines"]]:  # what the backends open, even unverified
+        contained_path(bundle_dir, entry["file"])
     if verify:
         verify_files(bundle_dir, manifest)
     try:
