@@ -357,6 +357,42 @@ def test_timed_out_request_gets_504_and_is_never_computed(bundle_dir):
     assert computed == [[10], [30]]  # 20 expired in the queue: dropped, not computed late
 
 
+def test_request_whose_deadline_would_pass_in_its_batch_is_answered_at_once_and_never_computed():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from diffad.service.batcher import DynamicBatcher, RequestTimeoutError
+    from diffad.service.metrics import ServiceMetrics
+
+    computed = []
+
+    def slow_backend(images):  # every batch takes 0.4 s: that is what the batcher learns
+        computed.append(int(images[0, 0, 0, 0]))
+        time.sleep(0.4)
+        return np.zeros((len(images), 1, 2, 2), np.float32), np.zeros(len(images), np.float32)
+
+    def image(value):
+        return np.full((1, 2, 2), value, np.uint8)
+
+    async def scenario():
+        metrics = ServiceMetrics()
+        batcher = DynamicBatcher("weave", slow_backend, ThreadPoolExecutor(1), 1, 0.0, 8, metrics)
+        batcher.start()
+        await batcher.infer(image(1), time.monotonic() + 10)  # a batch of 0.4 s
+        running = asyncio.ensure_future(batcher.infer(image(2), time.monotonic() + 10))
+        await until(lambda: len(computed) == 2)  # the batch of 2 is computing
+        # 0.6 s to live, about 0.4 s of it spent waiting for the batch of 2: some 0.2 s left when its own forms
+        with pytest.raises(RequestTimeoutError, match="would pass before its batch finished"):
+            await batcher.infer(image(3), time.monotonic() + 0.6)
+        await running
+        await batcher.infer(image(4), time.monotonic() + 10)
+        await batcher.close()
+        return metrics.deadline_dropped.labels("weave")._value.get()
+
+    dropped = asyncio.run(scenario())
+    assert computed == [1, 2, 4]  # 3 was refused when its batch was formed, not computed for nobody
+    assert dropped == 1
+
+
 def test_cancelled_request_leaves_no_work_behind(bundle_dir):
     created: dict = {}
 
@@ -418,6 +454,8 @@ def test_each_bad_input_gets_its_code_and_the_service_keeps_answering(bundle_dir
         (422, {"files": upload(good), "params": {"map": "jpeg"}}),
         (422, {"files": upload(good), "params": {"threshold": "abc"}}),
         (422, {"files": upload(good), "params": {"threshold": "nan"}}),
+        (422, {"files": upload(good), "params": {"threshold": "-1"}}),  # scores lie in [0, 1]
+        (422, {"files": upload(good), "params": {"threshold": "1.5"}}),
         (422, {"data": {"not_file": "x"}}),
         (404, {"files": upload(good), "params": {"model": "nope\nINFO forged log line"}}),
     ]
@@ -435,6 +473,9 @@ def test_each_bad_input_gets_its_code_and_the_service_keeps_answering(bundle_dir
         assert response.status_code == expected, (kwargs.get("params"), response.text)
         assert "detail" in response.json()
     assert answers[-1].status_code == 200
+    limit = settings.max_image_pixels  # the service's own limit and words, also where Pillow's trips first
+    assert answers[5].json()["detail"] == f"image of 1200x1000 pixels exceeds the limit of {limit} pixels"
+    assert answers[6].json()["detail"].startswith(f"image exceeds the limit of {limit} pixels")
     counts = {(s.labels["model"], s.labels["status"]): s.value for f in text_string_to_metric_families(metrics)
               if f.name == "diffad_requests" for s in f.samples if s.name == "diffad_requests_total"}
     assert counts[("weave", "400")] == 3 and counts[("weave", "413")] == 3 and counts[("weave", "415")] == 2

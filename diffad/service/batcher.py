@@ -5,8 +5,11 @@ the oldest has waited max_queue_delay; it then runs the batch on the model's own
 keeps serving meanwhile) and answers each request with its own row of the result.
 
 - A full queue refuses at once (QueueFullError, HTTP 429 with Retry-After) instead of growing latency.
-- A request past its deadline is dropped when a batch is formed, never computed late; one whose
-  client went away (its future cancelled) is skipped the same way.
+- A request whose deadline would pass before its batch could finish (the quickest of the last few batches
+  says when) is answered 504 when the batch is formed, never computed late; one whose client went away
+  (its future cancelled) is skipped the same way. Under overload the backend computes only answerable work.
+  A request that even fresh could not be answered by that estimate is still tried: batches slower than
+  the timeout must not lock the model out for good, nor keep the estimate from learning that it recovered.
 - A backend failure fails that batch's requests only; the worker keeps running.
 - close() stops intake and lets the worker finish everything already queued (graceful shutdown).
 """
@@ -17,6 +20,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -84,6 +88,7 @@ class DynamicBatcher:
         self._worker: asyncio.Task | None = None
         self._accepting = False
         self._seconds_per_batch = 0.0  # moving average, for Retry-After
+        self._recent_batch_s: deque[float] = deque(maxlen=5)  # their minimum: what a batch takes at least
         self._forming = 0  # requests taken off the queue into the batch being formed
         if metrics is not None:
             metrics.queue_depth.labels(model).set_function(lambda: self.depth)
@@ -170,14 +175,19 @@ class DynamicBatcher:
                         item.future.set_exception(InferenceError("internal error while batching"))
 
     def _live(self, batch: list[_Pending]) -> list[_Pending]:
-        """The requests still wanted: not cancelled by their client, not past their deadline."""
+        """The requests still wanted: not cancelled by their client, and able to get their answer before
+        their deadline if the batch takes as long as batches have lately."""
         now = time.monotonic()
+        at_least = min(self._recent_batch_s, default=0.0)
         live = []
         for item in batch:
             if item.future.done():  # cancelled: the client went away or its wait timed out
                 continue
-            if now >= item.deadline:
-                item.future.set_exception(RequestTimeoutError("the request timed out in the queue"))
+            if item.deadline - now <= at_least < item.deadline - item.enqueued_at or now >= item.deadline:
+                item.future.set_exception(RequestTimeoutError("the request's deadline would pass before its "
+                                                              "batch finished"))
+                if self.metrics is not None:
+                    self.metrics.deadline_dropped.labels(self.model).inc()
                 continue
             live.append(item)
         return live
@@ -198,6 +208,7 @@ class DynamicBatcher:
                     item.future.set_exception(InferenceError(f"inference failed: {type(e).__name__}"))
             return
         elapsed = time.monotonic() - started
+        self._recent_batch_s.append(elapsed)
         self._seconds_per_batch = elapsed if not self._seconds_per_batch else (
             0.8 * self._seconds_per_batch + 0.2 * elapsed)
         if self.metrics is not None:

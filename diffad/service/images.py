@@ -66,8 +66,8 @@ def decode_image(data: bytes, size: int, channels: int, max_pixels: int) -> Deco
             fmt = image.format
     except ImageError:
         raise
-    except Image.DecompressionBombError as e:  # Pillow's own, higher, limit
-        raise ImageError(413, f"image too large: {e}") from e
+    except Image.DecompressionBombError as e:  # Pillow's own limit trips first for the largest claims
+        raise ImageError(413, f"image exceeds the limit of {max_pixels} pixels (its header claims far more)") from e
     except UnidentifiedImageError as e:
         raise ImageError(400, "the upload is not an image that can be decoded (PNG, JPEG, BMP or TIFF)") from e
     except Exception as e:  # truncated or corrupt data: Pillow's decoders raise many types

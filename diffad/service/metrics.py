@@ -2,7 +2,8 @@
 
 Names are the contract of docs/DESIGN.md; every series carries a `model` label (the model's name from
 its bundle, or "_unknown" when a request named none that exists, so clients cannot grow the label set).
-Time histograms resolve 1 ms to 10 s.
+Time histograms resolve a few milliseconds to 30 s, finely where the service's latencies lie (20 ms to 3 s on
+a CPU), so that histogram_quantile reads p95 and p99 within about 15 % rather than a bucket's factor of 2.5.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+TIME_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.065, 0.08, 0.1, 0.125, 0.15, 0.2,
+                0.25, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 UNKNOWN_MODEL = "_unknown"
 MODEL_STATE_KEY = "diffad_model"  # set by /inspect in the request's state: the label of requests_total
@@ -45,6 +47,10 @@ class ServiceMetrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("diffad_queue_depth", "Requests waiting in the model's queue", ["model"],
                                  registry=r)
+        self.deadline_dropped = Counter(
+            "diffad_deadline_dropped", "Requests answered 504 before their batch ran, because their deadline "
+            "would pass before the batch could finish: work nobody would wait for is not computed",
+            ["model"], registry=r)
         self.model_ready = Gauge("diffad_model_ready", "1 once the model is loaded and warmed up, else 0",
                                  ["model"], registry=r)
 

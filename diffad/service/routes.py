@@ -123,7 +123,8 @@ async def inspect(
     metrics: MetricsDep,
     file: Annotated[UploadFile, File(description="the image: PNG, JPEG, BMP or TIFF")],
     model: Annotated[str | None, Query(max_length=256, description="required when several models are loaded")] = None,
-    threshold: Annotated[float | None, Query(allow_inf_nan=False, description="overrides the bundle's")] = None,
+    threshold: Annotated[float | None, Query(ge=0.0, le=1.0, allow_inf_nan=False,
+                                             description="overrides the bundle's; raw scores lie in [0, 1]")] = None,
     map_format: Annotated[Literal["png", "none"], Query(alias="map", description="png or none")] = "png",
 ) -> InspectResponse | Response:
     started = time.perf_counter()
