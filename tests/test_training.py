@@ -363,3 +363,44 @@ def test_crop_setting_defaults_by_preset():
     assert crop_setting("small", 32, None) == (32, 1)
     assert crop_setting("small", None, 2) == (CROPS["small"][0], 2)
     assert crop_setting("tiny", None, None) == (None, 1)
+
+
+@pytest.mark.parametrize("defect, expected", [("one pixel", 0.0), ("large region", "smoothed")])
+def test_map_smoothing_is_chosen_on_the_validation_set(monkeypatch, defect, expected):
+    from diffad.models import training
+    from diffad.models.training import ValidationSet, select_map_sigma
+
+    n, size = 6, 32
+    masks, raw = np.zeros((2 * n, size, size), np.float32), np.zeros((2 * n, size, size), np.float32)
+    for i in range(n):
+        good, bad = 2 * i, 2 * i + 1
+        if defect == "one pixel":  # a one-pixel defect a blur would drown; good images have a dim 3x3 blob
+            masks[bad, 10 + i, 12] = raw[bad, 10 + i, 12] = 1.0
+            raw[good, 5 + i:8 + i, 20:23] = 0.45
+        else:  # a large defect, and single-pixel speckle of 1.0 in every image that a blur removes
+            masks[bad, 8:20, 8:20], raw[bad, 8:20, 8:20] = 1.0, 0.6
+            raw[good, 3 + i, 25] = raw[bad, 28, 3 + i] = 1.0
+    labels = np.tile([0, 1], n)
+    vset = ValidationSet(np.zeros((2 * n, size, size, 1), np.float32), masks, labels, "test")
+    monkeypatch.setattr(training, "predict", lambda model, images, *a, **k: (raw, None))
+    model = perturbed_model()
+    model.set_map_sigma(1.0)
+
+    result = select_map_sigma(model, vset, (0.0, 0.5, 1.0, 2.0))
+    assert set(result["scores"]) == {"0", "0.5", "1", "2"}
+    if expected == "smoothed":
+        assert result["chosen"] > 0 and result["scores"]["0"] < result["scores"][f"{result['chosen']:g}"]
+    else:
+        assert result["chosen"] == 0.0 and result["scores"]["0"] == 1.0
+    assert model.config.map_sigma == result["chosen"]
+    # the model now smooths with the chosen sigma: its map is the raw segmentation map smoothed so
+    images = torch.rand(2, 1, size, size)
+    smoothed, _ = model(images)
+    model.set_map_sigma(0.0)
+    unsmoothed, _ = model(images)
+    if result["chosen"] > 0:
+        from diffad.models.diffusionad import gaussian_kernel, smooth_map
+
+        torch.testing.assert_close(smoothed, smooth_map(unsmoothed, gaussian_kernel(result["chosen"])))
+    else:
+        torch.testing.assert_close(smoothed, unsmoothed)

@@ -117,6 +117,15 @@ class DiffusionAD(nn.Module):
         kernel = gaussian_kernel(config.map_sigma) if config.map_sigma > 0 else torch.ones(1)
         self.register_buffer("map_kernel", kernel, persistent=False)
 
+    def set_map_sigma(self, sigma: float) -> None:
+        """Change the map smoothing (training chooses it on the validation set); 0 turns it off."""
+        if sigma < 0:
+            raise ValueError(f"map_sigma must be >= 0, got {sigma}")
+        self.config.map_sigma = float(sigma)
+        with torch.inference_mode(False):  # a buffer made under inference mode could never be traced or exported
+            kernel = gaussian_kernel(sigma) if sigma > 0 else torch.ones(1)
+            self.map_kernel = kernel.to(self.map_kernel.device)
+
     def _apply(self, fn, recurse=True):
         # model.to(device) moves parameters and buffers; the schedule's tables follow the device (not the
         # dtype: they stay float32) so that no step copies them from the host, which CUDA graphs forbid.

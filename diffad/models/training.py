@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .data import detect_channels, find_train_images, find_validation_images, read_images
-from .diffusionad import DiffusionAD, ModelConfig
+from .diffusionad import DiffusionAD, ModelConfig, gaussian_kernel, smooth_map
 from .evaluation import predict
 from .metrics import image_auroc, pixel_ap, pixel_auroc
 from .presets import describe, preset
@@ -87,6 +87,7 @@ class TrainConfig:
     validation_fraction: float = 0.1
     validate_every: int = 100
     t_s_candidates: tuple[int, ...] = (100, 150, 200, 250, 300)  # chosen on the validation set at the end
+    map_sigma_candidates: tuple[float, ...] | None = None  # then the map smoothing; None: 0, s/2, s, 2s of the preset's
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
 
 
@@ -302,7 +303,10 @@ def make_validation_set(good: np.ndarray, foregrounds: np.ndarray | None, synthe
 @torch.inference_mode()
 def validate(model: DiffusionAD, vset: ValidationSet, batch_size: int = 8) -> dict[str, float]:
     """Image AUROC, pixel AUROC and pixel AP on the validation set, and their mean (the selection score)."""
-    maps_np, scores_np = predict(model, vset.images, batch_size, progress=False)
+    return validation_metrics(vset, *predict(model, vset.images, batch_size, progress=False))
+
+
+def validation_metrics(vset: ValidationSet, maps_np: np.ndarray, scores_np: np.ndarray) -> dict[str, float]:
     result = {"image_auroc": image_auroc(vset.labels, scores_np), "pixel_auroc": pixel_auroc(vset.masks, maps_np),
               "pixel_ap": pixel_ap(vset.masks, maps_np)}
     # The train/eval map check: does the map tell the anomaly from its surroundings at all?
@@ -562,6 +566,9 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
         final, chosen_step = copy.deepcopy(ema.model if ema else model), step
     reestimate_batchnorm(final, images[:128])
     t_s_selection = select_t_s(final, vset, cfg.t_s_candidates) if vset is not None else None
+    sigma_selection = (select_map_sigma(final, vset, cfg.map_sigma_candidates or
+                                        map_sigma_candidates(final.config.map_sigma))
+                       if vset is not None else None)
     final.eval().cpu()
     recent = history[-50:]
     summary = {
@@ -581,8 +588,10 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
         "image_size": model_config.image_size,
         "in_channels": channels,
         "t_s": final.config.t_s,
+        "map_sigma": final.config.map_sigma,
         "validation": {"source": vset.source, "images": len(vset), "chosen": max(validations, key=_score)
-                       if validations else None, "history": validations, "t_s_selection": t_s_selection}
+                       if validations else None, "history": validations, "t_s_selection": t_s_selection,
+                       "map_sigma_selection": sigma_selection}
         if vset is not None else None,
         **{k: round(v, 3) for k, v in cost.items()},
         "torch": torch.__version__,
@@ -591,8 +600,9 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
     }
     ckpt.save_model(run_dir / ckpt.MODEL_FILE, final, {"step": chosen_step, "training": json.dumps(summary)})
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("trained %d steps in %.1f min (%.2f s/step); kept step %d, t_s %d; model saved to %s",
-             step, elapsed / 60, summary["seconds_per_step"], chosen_step, final.config.t_s, run_dir / ckpt.MODEL_FILE)
+    log.info("trained %d steps in %.1f min (%.2f s/step); kept step %d, t_s %d, map sigma %g; model saved to %s",
+             step, elapsed / 60, summary["seconds_per_step"], chosen_step, final.config.t_s, final.config.map_sigma,
+             run_dir / ckpt.MODEL_FILE)
     return summary
 
 
@@ -615,6 +625,31 @@ def select_t_s(model: DiffusionAD, vset: ValidationSet, candidates: tuple[int, .
     return {"chosen": best, "scores": {str(t): round(v, 4) for t, v in scores.items()}}
 
 
+@torch.inference_mode()
+def select_map_sigma(model: DiffusionAD, vset: ValidationSet, candidates: tuple[float, ...]) -> dict:
+    """Set the map smoothing to the candidate with the best validation score (ties: the model's own).
+
+    Small defects (a few pixels) fade under a wide blur, coarse masks want one: the category decides. The
+    network runs once; each candidate only smooths its maps again.
+    """
+    default = model.config.map_sigma
+    model.set_map_sigma(0.0)
+    raw, _ = predict(model, vset.images, progress=False)
+    raw = torch.from_numpy(raw)[:, None]
+    scores = {}
+    for sigma in sorted({*candidates, default}):
+        maps = smooth_map(raw, gaussian_kernel(sigma)) if sigma > 0 else raw
+        scores[sigma] = validation_metrics(vset, maps[:, 0].numpy(), model.score(maps).numpy())["score"]
+    best = max(scores, key=lambda s: (scores[s], s == default))
+    model.set_map_sigma(best)
+    return {"chosen": best, "scores": {f"{s:g}": round(v, 4) for s, v in scores.items()}}
+
+
+def map_sigma_candidates(default: float) -> tuple[float, ...]:
+    """None, half, the preset's and twice the preset's smoothing."""
+    return (0.0, default / 2, default, default * 2) if default > 0 else (0.0,)
+
+
 def _save_checkpoint(run_dir: Path, model, optimizer, step: int, keep: int, ema: EMA | None = None) -> None:
     path = run_dir / ckpt.CHECKPOINT_DIR / f"step_{step:07d}.safetensors"
     ckpt.save_training_state(path, model, optimizer, step, ema=ema.model if ema else None)
@@ -631,5 +666,7 @@ def _train_config_from_dict(d: dict) -> TrainConfig:
         d["precision"] = "auto" if d.pop("bf16") else "fp32"
     if "t_s_candidates" in d:
         d["t_s_candidates"] = tuple(d["t_s_candidates"])
+    if d.get("map_sigma_candidates") is not None:
+        d["map_sigma_candidates"] = tuple(d["map_sigma_candidates"])
     return TrainConfig(**{**d, "t_s_range": tuple(d["t_s_range"]), "t_l_range": tuple(d["t_l_range"])},
                        synthesis=synthesis)
