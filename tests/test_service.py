@@ -215,7 +215,8 @@ def test_inspect_answers_png_jpeg_gray_and_rgba_like_the_backend(bundle_dir, ref
         assert response.status_code == 200, response.text
         body = response.json()
         assert set(body) == {"model", "image_score", "normalized_score", "threshold", "is_anomalous",
-                             "anomaly_map", "width", "height", "timings_ms"}
+                             "anomaly_map", "map_width", "map_height", "width", "height", "timings_ms"}
+        assert (body["map_width"], body["map_height"]) == picture.size
         maps, scores = reference(as_batch(picture))
         assert body["model"] == "weave"
         assert body["image_score"] == pytest.approx(float(scores[0]), abs=1e-6)
@@ -250,6 +251,29 @@ def test_exif_orientation_is_applied(bundle_dir, reference):
     assert (body["width"], body["height"]) == (24, 48) == upright.size
     assert decode_map(body["anomaly_map"]).size == (24, 48)
     assert body["image_score"] == pytest.approx(float(reference(as_batch(upright))[1][0]), abs=1e-6)
+
+
+def test_large_jpeg_is_decoded_reduced_and_its_map_capped(bundle_dir, reference):
+    # a smooth 1600x1200 picture: decoded at a reduced DCT scale (1/8 would still be 4x the model's side:
+    # 200x150 for 32 px), the model's input within a grey level or two of the full decode's
+    yy, xx = np.mgrid[0:1200, 0:1600]
+    pixels = np.stack([(xx / 7) % 256, (yy / 5) % 256, (xx + yy) / 11 % 256], -1).astype(np.uint8)
+    data = encode(Image.fromarray(pixels), "JPEG", quality=95)
+    full = as_batch(Image.open(io.BytesIO(data)))
+    decoded = decode_image(data, SIZE, 3, 50_000_000)
+    assert decoded.decoded_size == (200, 150)  # 1/8 of the pixels per side: 1/64 of the memory
+    assert (decoded.width, decoded.height) == (1600, 1200)  # the upload's own size, not the reduced one
+    assert np.abs(decoded.array.astype(int) - full[0]).mean() < 2.0
+
+    async def scenario():
+        async with serving(make_settings(bundle_dir, max_map_pixels=120_000)) as (_, client):
+            return await client.post("/inspect", files=upload(data, "image/jpeg"))
+
+    body = asyncio.run(scenario()).json()
+    assert (body["width"], body["height"]) == (1600, 1200)
+    assert (body["map_width"], body["map_height"]) == (400, 300)  # 120,000 pixels, the aspect kept
+    assert decode_map(body["anomaly_map"]).size == (400, 300)
+    assert body["image_score"] == pytest.approx(float(reference(decoded.array[None])[1][0]), abs=1e-6)
 
 
 def test_decoding_converts_every_mode_as_training_does():

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .batcher import BatcherClosedError, InferenceError, InferenceResult, QueueFullError, RequestTimeoutError
 from .deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
-from .images import ImageError, check_content_type, decode_image, encode_map_png
+from .images import ImageError, check_content_type, decode_image, encode_map_png, map_size
 from .metrics import MODEL_STATE_KEY
 from .models import ModelRegistry, ModelRuntime
 from .schemas import InspectResponse, Liveness, ModelInfo, ModelList, Timings
@@ -145,8 +145,9 @@ async def inspect(
         result = await _infer_unless_disconnected(request, runtime, decoded.array, deadline)
         response = _answer(runtime, result, decoded.width, decoded.height, threshold)
         if map_format == "png":
-            response["anomaly_map"] = await run_in_threadpool(encode_map_png, result.anomaly_map, decoded.width,
-                                                              decoded.height)
+            map_width, map_height = map_size(decoded.width, decoded.height, settings.max_map_pixels)
+            response["anomaly_map"] = await run_in_threadpool(encode_map_png, result.anomaly_map, map_width, map_height)
+            response["map_width"], response["map_height"] = map_width, map_height
         response["timings_ms"] = Timings(queue=round(result.queue_s * 1e3, 3),
                                          inference=round(result.inference_s * 1e3, 3),
                                          total=round((time.perf_counter() - started) * 1e3, 3))

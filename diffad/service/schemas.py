@@ -21,6 +21,9 @@ class InspectResponse(BaseModel):
     anomaly_map: str | None = Field(
         None, description="base64 8-bit grayscale PNG (map x 255) at the image's own resolution; absent for "
         "map=none")
+    map_width: int | None = Field(None, description="the map's size: the image's, unless it is over "
+                                  "DIFFAD_MAX_MAP_PIXELS; absent for map=none")
+    map_height: int | None = None
     width: int
     height: int
     timings_ms: Timings

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 2**20, ge=1, description="largest accepted upload (413 above)")
     max_image_pixels: int = Field(
         50_000_000, ge=1, description="largest accepted width x height, checked before decoding (413 above)")
+    max_map_pixels: int = Field(
+        16_000_000, ge=1, description="largest returned anomaly map (width x height): a larger image's map is "
+        "scaled down, aspect kept, and its size given as map_width and map_height")
     threads: int | None = Field(None, ge=1, description="intra-op threads of the backend (default: its own)")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="accepted X-API-Key values (comma-separated); empty: no auth")
