@@ -205,6 +205,8 @@ def _add_service_verbs(verbs) -> None:
     p.add_argument("--max-upload-bytes", type=_positive_int, help="413 above (default 20 MiB)")
     p.add_argument("--max-image-pixels", type=_positive_int, help="413 above width x height (default 50 M)")
     p.add_argument("--threads", type=_positive_int, help="backend intra-op threads (default: the backend's)")
+    p.add_argument("--drain-grace-s", type=float, help="after SIGTERM, seconds of 503s before the port closes "
+                   "(default 5)")
     p.add_argument("--engine-cache", metavar="DIR", help="TensorRT engines built by `diffad engines`")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), help="default info")
 
@@ -359,7 +361,7 @@ def _serve(args) -> int:
 
     flags = {name: getattr(args, name) for name in (
         "host", "port", "backend", "max_batch_size", "max_queue_delay_ms", "max_queue_size", "request_timeout_s",
-        "max_upload_bytes", "max_image_pixels", "threads", "engine_cache", "log_level")}
+        "max_upload_bytes", "max_image_pixels", "threads", "drain_grace_s", "engine_cache", "log_level")}
     settings = load_settings(models=args.bundles or None, **flags)
     serve(settings)
     return 0

@@ -288,9 +288,9 @@ def test_inspector_service_runs_as_a_production_service(compose_files):
     assert env["DIFFAD_MODELS_DIR"] == "/models"
     assert env["DIFFAD_HOST"] == "0.0.0.0" and env["DIFFAD_PORT"] == "8000"
     assert any(p.endswith(":8000") for p in inspector["ports"])
-    # the grace period outlasts the server's own drain (request timeout + 5 s)
+    # the grace period outlasts the server's own drain (its 503 grace, then the request timeout + 5 s)
     grace = int(inspector["stop_grace_period"].rstrip("s"))
-    assert grace > int(env["DIFFAD_REQUEST_TIMEOUT_S"]) + 5
+    assert grace > float(env["DIFFAD_DRAIN_GRACE_S"]) + int(env["DIFFAD_REQUEST_TIMEOUT_S"]) + 5
 
 
 def test_compose_environment_names_only_real_settings(compose_files):
