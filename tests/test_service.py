@@ -356,6 +356,48 @@ def test_full_queue_answers_429_with_retry_after(bundle_dir):
     assert after.status_code == 200
 
 
+def test_uploads_being_decoded_hold_places_and_a_full_queue_refuses_before_reading(bundle_dir, monkeypatch):
+    from diffad.service import routes
+
+    decoding_may_finish, decoded = threading.Event(), []
+
+    def held_decode(data, *args):  # decoding stalls until released: both first uploads sit in it
+        decoded.append(len(data))
+        decoding_may_finish.wait(timeout=30)
+        return decode_image(data, *args)
+
+    monkeypatch.setattr(routes, "decode_image", held_decode)
+    seen_bodies = []
+
+    async def scenario():
+        settings = make_settings(bundle_dir, max_queue_size=2, max_concurrent_decodes=4)
+        async with serving(settings) as (app, client):
+            batcher = app.state.registry.models["weave"].batcher
+            first = [asyncio.create_task(client.post("/inspect", files=upload(solid_image(v)))) for v in (10, 20)]
+            await until(lambda: len(decoded) == 2)
+            assert batcher.decoding == 2 and batcher.depth == 2  # nothing queued yet, and yet full
+            metrics = (await client.get("/metrics")).text
+
+            async def body_chunks():  # tells whether the service read any of the refused upload
+                seen_bodies.append("started")
+                yield b"--x\r\nContent-Disposition: form-data; name=file; filename=p.png\r\n\r\n"
+                yield solid_image(30) + b"\r\n--x--\r\n"
+
+            refused = await client.post("/inspect", content=body_chunks(),
+                                        headers={"Content-Type": "multipart/form-data; boundary=x"})
+            decoding_may_finish.set()
+            answers = await asyncio.gather(*first)
+            return refused, answers, metrics, batcher.decoding
+
+    refused, answers, metrics, decoding_after = asyncio.run(scenario())
+    assert refused.status_code == 429 and "queue limit (2)" in refused.json()["detail"]
+    assert int(refused.headers["Retry-After"]) >= 1 and refused.headers["Connection"] == "close"
+    assert seen_bodies == [] and len(decoded) == 2  # the refused upload was neither read nor decoded
+    assert [a.status_code for a in answers] == [200, 200] and decoding_after == 0
+    assert 'diffad_decoding_requests{model="weave"} 2.0' in metrics
+    assert 'diffad_queue_depth{model="weave"} 2.0' in metrics
+
+
 def test_timed_out_request_gets_504_and_is_never_computed(bundle_dir):
     created: dict = {}
 
@@ -502,7 +544,7 @@ def test_each_bad_input_gets_its_code_and_the_service_keeps_answering(bundle_dir
     assert answers[6].json()["detail"].startswith(f"image exceeds the limit of {limit} pixels")
     counts = {(s.labels["model"], s.labels["status"]): s.value for f in text_string_to_metric_families(metrics)
               if f.name == "diffad_requests" for s in f.samples if s.name == "diffad_requests_total"}
-    assert counts[("weave", "400")] == 3 and counts[("weave", "413")] == 3 and counts[("weave", "415")] == 2
+    assert counts[("weave", "400")] == 3 and counts[("weave", "413")] == 4 and counts[("weave", "415")] == 2
     assert counts[("weave", "200")] == 1 and counts[("_unknown", "404")] == 1
 
 
@@ -600,7 +642,7 @@ def test_shutdown_answers_queued_requests(bundle_dir):
                 batcher = app.state.registry.models["weave"].batcher
                 pending = [asyncio.create_task(client.post("/inspect", files=upload(solid_image(v))))
                            for v in (10, 20, 30)]
-                await until(lambda: batcher.depth == 3)  # queued, waiting for the batch to fill
+                await until(lambda: batcher.depth - batcher.decoding == 3)  # queued, waiting for the batch to fill
             return await asyncio.gather(*pending)  # the lifespan has exited: drained
 
     answers = asyncio.run(scenario())

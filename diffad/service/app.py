@@ -16,15 +16,19 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from urllib.parse import parse_qs
+
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from .backends import BackendFactory
+from .batcher import BatcherClosedError, QueueFullError
+from .deps import API_KEY_HEADER, api_key_accepted
 from .metrics import MODEL_STATE_KEY, UNKNOWN_MODEL, ServiceMetrics
 from .models import ModelRegistry
-from .routes import CLIENT_CLOSED_REQUEST, STATIC_DIR, api_router, public_router
+from .routes import ADMISSION_STATE_KEY, CLIENT_CLOSED_REQUEST, STATIC_DIR, api_router, public_router
 from .settings import Settings
 
 log = logging.getLogger("diffad.service")
@@ -51,6 +55,7 @@ def create_app(settings: Settings, backend_factory: BackendFactory | None = None
     app.include_router(api_router)
     app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+    app.add_middleware(AdmissionMiddleware, registry=registry, settings=settings)  # before the body is read
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)  # added last: outermost, sees every answer
     return app
 
@@ -59,6 +64,7 @@ def create_app(settings: Settings, backend_factory: BackendFactory | None = None
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry: ModelRegistry = app.state.registry
     settings: Settings = app.state.settings
+    app.state.decode_slots = asyncio.Semaphore(settings.max_concurrent_decodes)
     loading = asyncio.create_task(registry.start(), name="diffad-load-models")
     try:
         yield
@@ -109,6 +115,59 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class AdmissionMiddleware:
+    """429 for POST /inspect before a byte of its body is read, when the model's queue is full counting the
+    requests still being read and decoded; otherwise the request holds a place until it is queued.
+
+    FastAPI reads and parses a multipart body before the route (and its dependencies) run: refusing there
+    would cost the upload's transfer and parsing, nearly what serving it costs. What this cannot judge (an
+    unknown or ambiguous model, a model not ready, a missing API key) it leaves to the route.
+    """
+
+    def __init__(self, app: ASGIApp, registry: ModelRegistry, settings: Settings):
+        self.app = app
+        self.registry = registry
+        self.settings = settings
+
+    def _runtime(self, scope: Scope):
+        names = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("model")
+        models = self.registry.models
+        runtime = models.get(names[0]) if names else (next(iter(models.values())) if len(models) == 1 else None)
+        if runtime is None or not runtime.ready or runtime.batcher is None or self.registry.draining:
+            return None
+        if self.settings.api_keys:
+            key = next((v.decode("latin-1") for k, v in scope["headers"] if k == API_KEY_HEADER.lower().encode()),
+                       None)
+            if not api_key_accepted(self.settings, key):
+                return None  # the route answers 401; an unauthenticated upload holds no place
+        return runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") != "/inspect" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        runtime = self._runtime(scope)
+        if runtime is None:
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        state[MODEL_STATE_KEY] = runtime.name  # the requests_total label, whatever happens next
+        try:
+            admission = runtime.batcher.admit()
+        except (QueueFullError, BatcherClosedError) as e:
+            full = isinstance(e, QueueFullError)
+            detail = (f"model {runtime.name} is at its queue limit ({self.settings.max_queue_size})" if full
+                      else "the service is shutting down")
+            retry = str(e.retry_after_s) if full else "1"
+            # The body stays unread: the connection closes after the answer rather than skip it.
+            response = JSONResponse({"detail": detail}, status_code=429 if full else 503,
+                                    headers={"Retry-After": retry, "Connection": "close"})
+            return await response(scope, receive, send)
+        state[ADMISSION_STATE_KEY] = admission
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            admission.release()
 
 
 class ObservabilityMiddleware:

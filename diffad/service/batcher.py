@@ -5,6 +5,8 @@ the oldest has waited max_queue_delay; it then runs the batch on the model's own
 keeps serving meanwhile) and answers each request with its own row of the result.
 
 - A full queue refuses at once (QueueFullError, HTTP 429 with Retry-After) instead of growing latency.
+  Requests still being read and decoded hold a place too (`admit`), so the service refuses before it
+  spends anything on an upload it could not queue.
 - A request whose deadline would pass before its batch could finish (the quickest of the last few batches
   says when) is answered 504 when the batch is formed, never computed late; one whose client went away
   (its future cancelled) is skipped the same way. Under overload the backend computes only answerable work.
@@ -72,6 +74,19 @@ class _Pending:
 _STOP = object()
 
 
+class Admission:
+    """A place held in a model's queue for a request being read and decoded; given back once the request
+    is queued (or fails first). Releasing twice is harmless."""
+
+    def __init__(self, batcher: DynamicBatcher):
+        self._batcher: DynamicBatcher | None = batcher
+
+    def release(self) -> None:
+        if self._batcher is not None:
+            self._batcher._admitted -= 1
+            self._batcher = None
+
+
 class DynamicBatcher:
     def __init__(self, model: str, run_batch: RunBatch, executor: Executor, max_batch_size: int,
                  max_queue_delay_s: float, max_queue_size: int, metrics: ServiceMetrics | None = None):
@@ -90,20 +105,39 @@ class DynamicBatcher:
         self._seconds_per_batch = 0.0  # moving average, for Retry-After
         self._recent_batch_s: deque[float] = deque(maxlen=5)  # their minimum: what a batch takes at least
         self._forming = 0  # requests taken off the queue into the batch being formed
+        self._admitted = 0  # requests admitted, still being read or decoded
         if metrics is not None:
             metrics.queue_depth.labels(model).set_function(lambda: self.depth)
+            metrics.decoding.labels(model).set_function(lambda: self.decoding)
 
     @property
     def depth(self) -> int:
-        """Requests waiting: in the queue, or taken into a batch that is still filling."""
-        return self._queue.qsize() + self._forming
+        """Requests waiting: admitted and being decoded, in the queue, or in a batch that is still filling."""
+        return self._admitted + self._queue.qsize() + self._forming
+
+    @property
+    def decoding(self) -> int:
+        return self._admitted
+
+    def admit(self) -> Admission:
+        """Hold a place for a request about to be read and decoded: QueueFullError when every place is taken
+        (by queued requests and by others being decoded), BatcherClosedError when closed."""
+        if not self._accepting:
+            raise BatcherClosedError(f"model {self.model} is not taking requests")
+        if self.depth >= self.max_queue_size:
+            raise QueueFullError(self.retry_after_s())
+        self._admitted += 1
+        return Admission(self)
 
     def start(self) -> None:
         self._accepting = True
         self._worker = asyncio.create_task(self._work(), name=f"diffad-batcher-{self.model}")
 
-    async def infer(self, image: np.ndarray, deadline: float) -> InferenceResult:
-        """Queue one image (uint8 C x H x W) and wait for its result until deadline (time.monotonic())."""
+    async def infer(self, image: np.ndarray, deadline: float, admission: Admission | None = None) -> InferenceResult:
+        """Queue one image (uint8 C x H x W) and wait for its result until deadline (time.monotonic()); an
+        admission's place becomes the queued request's."""
+        if admission is not None:
+            admission.release()
         if not self._accepting:
             raise BatcherClosedError(f"model {self.model} is not taking requests")
         now = time.monotonic()

@@ -33,15 +33,20 @@ RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 
 
-def require_api_key(settings: SettingsDep, api_key: Annotated[str | None, Security(_api_key_header)]) -> None:
-    """401 unless the X-API-Key header holds one of the configured keys (no keys: open)."""
+def api_key_accepted(settings: Settings, api_key: str | None) -> bool:
+    """True when no keys are configured or api_key is one of them."""
     if not settings.api_keys:
-        return
+        return True
     given = (api_key or "").encode()
     # Compare with every key, in constant time each, so timing tells nothing about which or how close.
     matched = False
     for key in settings.api_keys:
         matched |= hmac.compare_digest(given, key.get_secret_value().encode())
-    if not matched:
+    return matched
+
+
+def require_api_key(settings: SettingsDep, api_key: Annotated[str | None, Security(_api_key_header)]) -> None:
+    """401 unless the X-API-Key header holds one of the configured keys (no keys: open)."""
+    if not api_key_accepted(settings, api_key):
         raise HTTPException(401, f"missing or invalid {API_KEY_HEADER} header",
                             headers={"WWW-Authenticate": API_KEY_HEADER})

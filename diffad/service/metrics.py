@@ -47,6 +47,8 @@ class ServiceMetrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("diffad_queue_depth", "Requests waiting in the model's queue", ["model"],
                                  registry=r)
+        self.decoding = Gauge("diffad_decoding_requests", "Requests admitted and being read or decoded (they hold "
+                              "a place in the queue: diffad_queue_depth counts them)", ["model"], registry=r)
         self.deadline_dropped = Counter(
             "diffad_deadline_dropped", "Requests answered 504 before their batch ran, because their deadline "
             "would pass before the batch could finish: work nobody would wait for is not computed",

@@ -20,6 +20,7 @@ from .schemas import InspectResponse, Liveness, ModelInfo, ModelList, Timings
 
 STATIC_DIR = Path(__file__).parent / "static"
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away first"; only ever seen in metrics
+ADMISSION_STATE_KEY = "diffad_admission"  # the place AdmissionMiddleware holds for the request
 
 public_router = APIRouter()
 api_router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -86,9 +87,10 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def _infer_unless_disconnected(request: Request, runtime: ModelRuntime, image, deadline) -> InferenceResult:
+async def _infer_unless_disconnected(request: Request, runtime: ModelRuntime, image, deadline,
+                                     admission=None) -> InferenceResult:
     """The batcher's answer; if the client disconnects first, its request is cancelled (and skipped)."""
-    inference = asyncio.ensure_future(runtime.batcher.infer(image, deadline))
+    inference = asyncio.ensure_future(runtime.batcher.infer(image, deadline, admission))
     watcher = asyncio.ensure_future(_until_disconnected(request))
     try:
         await asyncio.wait({inference, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -130,8 +132,9 @@ async def inspect(
     started = time.perf_counter()
     runtime = resolve_model(registry, model)
     setattr(request.state, MODEL_STATE_KEY, runtime.name)  # the requests_total label (see app.py)
+    admission = getattr(request.state, ADMISSION_STATE_KEY, None)
     try:
-        if registry.draining:
+        if registry.draining and admission is None:  # one admitted before the drain is served
             raise HTTPException(503, "the service is shutting down", headers={"Retry-After": "1"})
         if not runtime.ready:
             raise HTTPException(503, f"model {runtime.name} is {runtime.state}", headers={"Retry-After": "5"})
@@ -141,12 +144,15 @@ async def inspect(
         if len(data) > settings.max_upload_bytes:
             raise ImageError(413, f"upload larger than {settings.max_upload_bytes} bytes")
         spec = runtime.bundle.input
-        decoded = await run_in_threadpool(decode_image, data, spec.size, spec.channels, settings.max_image_pixels)
-        result = await _infer_unless_disconnected(request, runtime, decoded.array, deadline)
+        async with request.app.state.decode_slots:  # bounded: decoding is where memory goes
+            decoded = await run_in_threadpool(decode_image, data, spec.size, spec.channels, settings.max_image_pixels)
+        result = await _infer_unless_disconnected(request, runtime, decoded.array, deadline, admission)
         response = _answer(runtime, result, decoded.width, decoded.height, threshold)
         if map_format == "png":
             map_width, map_height = map_size(decoded.width, decoded.height, settings.max_map_pixels)
-            response["anomaly_map"] = await run_in_threadpool(encode_map_png, result.anomaly_map, map_width, map_height)
+            async with request.app.state.decode_slots:
+                response["anomaly_map"] = await run_in_threadpool(encode_map_png, result.anomaly_map, map_width,
+                                                                  map_height)
             response["map_width"], response["map_height"] = map_width, map_height
         response["timings_ms"] = Timings(queue=round(result.queue_s * 1e3, 3),
                                          inference=round(result.inference_s * 1e3, 3),

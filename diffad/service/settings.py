@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     max_map_pixels: int = Field(
         16_000_000, ge=1, description="largest returned anomaly map (width x height): a larger image's map is "
         "scaled down, aspect kept, and its size given as map_width and map_height")
+    max_concurrent_decodes: int = Field(
+        2, ge=1, le=256, description="uploads decoded (and maps encoded) at once: with the image and map limits, "
+        "what bounds the service's memory")
     drain_grace_s: float = Field(
         5.0, ge=0, le=600, description="after SIGTERM, how long the service keeps listening and answering 503 "
         "(readiness and new requests) before it closes its port, so load balancers see it leave")
