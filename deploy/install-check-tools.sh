@@ -69,6 +69,13 @@ fi
 [ -x "$TOOLS_DIR/node_modules/.bin/dockerfile-utils" ] || missing+=("dockerfile-utils (npm)")
 [ -x "$TOOLS_DIR/node_modules/.bin/dclint" ] || missing+=("dclint (npm)")
 
+# The tools now present, comma-separated, for DIFFAD_DEPLOY_REQUIRE (.ci/run): their tests may not skip.
+installed=()
+for tool in promtool shellcheck; do command -v "$tool" >/dev/null && installed+=("$tool"); done
+for tool in dockerfile-utils dclint; do [ -x "$TOOLS_DIR/node_modules/.bin/$tool" ] && installed+=("$tool"); done
+mkdir -p "$TOOLS_DIR"
+(IFS=,; echo "${installed[*]}") > "$TOOLS_DIR/installed"
+
 if [ "${#missing[@]}" -gt 0 ]; then
     warn "missing: ${missing[*]}; the deployment and web page tests that need them will be SKIPPED"
     exit 0

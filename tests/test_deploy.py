@@ -51,6 +51,9 @@ DASHBOARD_PROVIDERS = GRAFANA_DIR / "provisioning" / "dashboards" / "diffad.yml"
 COMPOSE_SCHEMA = DEPLOY / "schemas" / "compose-spec.json"
 COMPOSE_SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"  # check-jsonschema 0.39.0
 STRICT = os.environ.get("DIFFAD_DEPLOY_STRICT") == "1"
+# Tools that must be there (.ci/run names those deploy/install-check-tools.sh installed): their tests fail,
+# not skip, when the tool is missing, so CI cannot pass by skipping what it could run.
+REQUIRED_TOOLS = {t.strip() for t in os.environ.get("DIFFAD_DEPLOY_REQUIRE", "").split(",") if t.strip()}
 TOOLS_DIR = Path(os.environ.get("DIFFAD_DEPLOY_TOOLS") or Path.home() / ".cache" / "diffad-deploy-tools")
 
 # The metric contract of docs/DESIGN.md: name -> type.
@@ -74,6 +77,8 @@ def missing_tool(name: str, why: str):
     message = f"{name} is not installed ({why}); deploy/install-check-tools.sh installs it"
     if STRICT:
         pytest.fail(message + " [DIFFAD_DEPLOY_STRICT=1]")
+    if name in REQUIRED_TOOLS:
+        pytest.fail(message + f" [DIFFAD_DEPLOY_REQUIRE names {name}]")
     pytest.skip(message)
 
 
@@ -1081,3 +1086,11 @@ def test_entrypoint_serves_a_bundle_and_stops_on_sigterm(tiny_bundle, tmp_path):
     assert "diffad-entrypoint: checking TensorRT engines" in log_text
     assert "diffad-entrypoint: exec " in log_text
     assert "Application shutdown complete" in log_text, log_text[-4000:]
+
+
+def test_a_required_tool_that_is_missing_fails_instead_of_skipping(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "REQUIRED_TOOLS", {"promtool"})
+    with pytest.raises(pytest.fail.Exception, match="DIFFAD_DEPLOY_REQUIRE names promtool"):
+        missing_tool("promtool", "Debian package prometheus")
+    with pytest.raises(pytest.skip.Exception):
+        missing_tool("hadolint", "GitHub only")  # not required: it may skip
