@@ -88,6 +88,7 @@ class WrappedBackend:
     def __init__(self, inner):
         self.inner = inner
         self.name, self.max_batch_size, self.bundle = inner.name, inner.max_batch_size, inner.bundle
+        self.device, self.precision, self.fallback = inner.device, inner.precision, inner.fallback
         self.batches: list[np.ndarray] = []
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
@@ -703,3 +704,133 @@ def test_metrics_exposition_has_the_contract_names(bundle_dir):
     bounds = {s.labels["le"] for s in families["diffad_request_duration_seconds"].samples if "le" in s.labels}
     assert {"0.001", "10.0", "+Inf"} <= bounds
     assert samples[("diffad_inference_duration_seconds_count", (("model", "weave"),))] == 1
+
+
+# --- health: readiness per model, reopening, a dead worker, the backend's identity -----------------
+def metric_samples(text: str, name: str) -> dict[tuple, float]:
+    return {tuple(sorted(s.labels.items())): s.value for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == name}
+
+
+def test_readiness_is_per_model_and_a_failed_load_is_tried_again(bundle_dir, second_bundle_dir):
+    tries: dict[str, int] = {}
+
+    def grid_fails_once(bundle, settings):
+        tries[bundle.name] = tries.get(bundle.name, 0) + 1
+        if bundle.name == "grid" and tries["grid"] == 1:
+            raise RuntimeError("cannot open /secret/models/grid/model.onnx")
+        return open_backend(bundle, settings)
+
+    async def scenario():
+        settings = make_settings(bundle_dir, models=[bundle_dir, second_bundle_dir])
+        async with serving(settings, grid_fails_once, wait_ready=False) as (app, client):
+            registry = app.state.registry
+            await until(lambda: registry.models["weave"].ready and registry.models["grid"].state == "failed")
+            overall, grid, unknown = (await client.get("/readyz"), await client.get("/readyz?model=grid"),
+                                      await client.get("/readyz?model=nope"))
+            served = await client.post("/inspect", params={"model": "weave"}, files=upload(solid_image(10)))
+            refused = await client.post("/inspect", params={"model": "grid"}, files=upload(solid_image(10)))
+            await until(lambda: registry.models["grid"].ready, timeout_s=20)  # tried again after 1 s
+            later = await client.get("/readyz?model=grid")
+            metrics = (await client.get("/metrics")).text
+            return overall, grid, unknown, served, refused, later, metrics
+
+    overall, grid, unknown, served, refused, later, metrics = asyncio.run(scenario())
+    assert overall.status_code == 200  # one model serves: traffic may come
+    assert overall.json()["models"]["weave"] == {"state": "ready"}
+    # the error, without the path: no API key configured, so nobody reads it whole
+    assert overall.json()["models"]["grid"] == {"state": "failed", "error": "RuntimeError: cannot open <path>"}
+    assert grid.status_code == 503 and list(grid.json()["detail"]["models"]) == ["grid"]
+    assert unknown.status_code == 404
+    assert served.status_code == 200
+    assert refused.status_code == 503 and "failed" in refused.json()["detail"]
+    assert later.status_code == 200 and tries["grid"] == 2
+    ready = metric_samples(metrics, "diffad_model_ready")
+    assert ready[(("model", "grid"),)] == 1.0 and ready[(("model", "weave"),)] == 1.0
+
+
+def test_a_model_whose_backend_keeps_failing_turns_unready_and_is_opened_again(bundle_dir):
+    created: dict = {}
+    opened = []
+
+    def factory(bundle, settings):
+        opened.append(bundle.name)
+        return wrapping_factory(created)(bundle, settings)
+
+    async def scenario():
+        settings = make_settings(bundle_dir, max_batch_size=1, unhealthy_after_failures=2)
+        async with serving(settings, factory) as (app, client):
+            created["weave"].fail_on_value = 13  # a sticky fault: every batch with it fails
+            first = await client.post("/inspect", files=upload(solid_image(13)))
+            after_one = app.state.registry.models["weave"].state
+            second = await client.post("/inspect", files=upload(solid_image(13)))
+            after_two = app.state.registry.models["weave"].state
+            await until_ready(client)  # reopened: a fresh backend, without the fault
+            fine = await client.post("/inspect", files=upload(solid_image(13)))
+            return first, after_one, second, after_two, fine
+
+    first, after_one, second, after_two, fine = asyncio.run(scenario())
+    assert [first.status_code, second.status_code] == [500, 500]
+    assert after_one == "ready" and after_two == "reloading"  # two failures in a row: unready
+    assert opened == ["weave", "weave"] and fine.status_code == 200
+
+
+def test_a_dead_batcher_worker_fails_what_it_held_and_is_replaced(bundle_dir):
+    async def scenario():
+        async with serving(make_settings(bundle_dir, max_batch_size=4, max_queue_delay_ms=0)) as (app, client):
+            batcher = app.state.registry.models["weave"].batcher
+            queue, real = batcher._queue, batcher._queue.get_nowait
+            calls = []
+
+            def broken_once():  # a bug while a batch is being formed kills the worker task
+                calls.append(1)  # call 1 is Queue.get's own, taking the request; 2 looks for more to batch
+                if len(calls) == 2:
+                    raise RuntimeError("bug while forming a batch")
+                return real()
+
+            queue.get_nowait = broken_once
+            held = await client.post("/inspect", files=upload(solid_image(10)))
+            after = await client.post("/inspect", files=upload(solid_image(20)))
+            return held, after, batcher.worker_restarts
+
+    held, after, restarts = asyncio.run(scenario())
+    assert held.status_code == 500 and held.json() == {"detail": "internal error while batching"}  # not a 504
+    assert after.status_code == 200 and restarts == 1
+
+
+def test_readyz_shows_error_paths_only_to_key_holders(bundle_dir):
+    def broken(bundle, settings):
+        raise RuntimeError("cannot open /secret/models/weave/model.onnx")
+
+    async def scenario():
+        settings = make_settings(bundle_dir, api_keys=["k1"])
+        async with serving(settings, broken, wait_ready=False) as (app, client):
+            await until(lambda: app.state.registry.models["weave"].state == "failed")
+            return await client.get("/readyz"), await client.get("/readyz", headers={"X-API-Key": "k1"})
+
+    anonymous, keyed = asyncio.run(scenario())
+    assert anonymous.json()["detail"]["models"]["weave"]["error"] == "RuntimeError: cannot open <path>"
+    assert keyed.json()["detail"]["models"]["weave"]["error"] == (
+        "RuntimeError: cannot open /secret/models/weave/model.onnx")
+
+
+def test_backend_info_names_what_serves_and_a_loud_fallback(bundle_dir, monkeypatch, caplog):
+    from diffad.service import backends
+
+    async def scenario():
+        async with serving(make_settings(bundle_dir, backend="auto")) as (_, client):
+            return (await client.get("/metrics")).text
+
+    plain = metric_samples(asyncio.run(scenario()), "diffad_backend_info")
+    assert plain == {(("backend", "onnxruntime-cpu"), ("device", "cpu"), ("fallback", "false"), ("model", "weave"),
+                      ("precision", "fp32")): 1.0}
+
+    def broken_engine(bundle, choice):
+        raise RuntimeError("engine built for another GPU")
+
+    monkeypatch.setattr(backends, "find_engine",
+                        lambda bundle, cache: (backends.EngineChoice(".", {"file": "x.plan"}, "bundle"), "found"))
+    monkeypatch.setattr(backends, "TensorRTBackend", broken_engine)
+    fallen = metric_samples(asyncio.run(scenario()), "diffad_backend_info")
+    assert [dict(k)["fallback"] for k in fallen] == ["true"]
+    assert "FALLBACK: the TensorRT engine x.plan failed to load: RuntimeError: engine built for another GPU" in caplog.text

@@ -35,6 +35,9 @@ class Backend(ABC):
 
     name: str = "backend"
     max_batch_size: int | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    fallback: str | None = None  # why backend=auto did not get the faster backend it tried first
 
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
@@ -86,6 +89,7 @@ class OnnxRuntimeBackend(Backend):
         self.session = ort.InferenceSession(str(bundle.onnx_path), options, providers=providers)
         used = self.session.get_providers()
         self.name = "onnxruntime-cuda" if "CUDAExecutionProvider" in used else "onnxruntime-cpu"
+        self.device = "cuda" if "CUDAExecutionProvider" in used else "cpu"
         self.threads = threads
 
     def run(self, images):
@@ -137,6 +141,7 @@ class TensorRTBackend(Backend):
         self.min_batch_size = int(choice.record.get("min_batch", 1))
         self.max_batch_size = int(choice.record["max_batch"])
         self.name = f"tensorrt-{choice.record['precision']}"
+        self.device, self.precision = "cuda", str(choice.record["precision"])
         self.source = choice.source
 
     def run(self, images):
@@ -170,7 +175,7 @@ class TorchBackend(Backend):
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_model(bundle.path / WEIGHTS_FILE).to(self.device).eval()
-        self.name = f"torch-{self.device}"
+        self.name = f"torch-{self.device}"  # self.device: the Backend's field too
         self._float_input = False  # the model takes 0..1 floats: converted below from uint8
 
     def run(self, images):
@@ -199,17 +204,20 @@ def open_backend(bundle: Bundle, settings: Settings) -> Backend:
         return TensorRTBackend(bundle, engine)
 
     engine, why = find_engine(bundle, settings.engine_cache)
+    fallback = None
     if engine is not None:
         try:
             backend = TensorRTBackend(bundle, engine)
-        except Exception as e:  # a broken engine should not keep the model from serving
-            log.warning("model %s: TensorRT engine %s failed to load (%s); falling back to ONNX Runtime",
-                        bundle.name, engine.record.get("file"), e)
-            why = f"the TensorRT engine failed to load: {e}"
+        except Exception as e:  # a broken engine should not keep the model from serving, but must be seen
+            why = f"the TensorRT engine {engine.record.get('file')} failed to load: {type(e).__name__}: {e}"
+            log.error("model %s: FALLBACK: %s; serving it with ONNX Runtime instead (diffad_backend_info says "
+                      "fallback=\"true\"; rebuild the engine with `diffad engines`)", bundle.name, why)
+            fallback = why
         else:
             log.info("model %s: backend auto chose %s: %s", bundle.name, backend.describe(), why)
             return backend
     backend = OnnxRuntimeBackend(bundle, settings.threads)
+    backend.fallback = fallback
     reason = ("ONNX Runtime's CUDA provider is available" if backend.name == "onnxruntime-cuda"
               else "ONNX Runtime has no CUDA provider here (onnxruntime-gpu not installed or no GPU)")
     log.info("model %s: backend auto chose %s: no TensorRT engine (%s); %s", bundle.name, backend.describe(),

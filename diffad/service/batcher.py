@@ -12,7 +12,9 @@ keeps serving meanwhile) and answers each request with its own row of the result
   (its future cancelled) is skipped the same way. Under overload the backend computes only answerable work.
   A request that even fresh could not be answered by that estimate is still tried: batches slower than
   the timeout must not lock the model out for good, nor keep the estimate from learning that it recovered.
-- A backend failure fails that batch's requests only; the worker keeps running.
+- A backend failure fails that batch's requests only; the worker keeps running, and reports every batch's
+  outcome (`on_batch`) so that the registry can tell a model whose backend keeps failing.
+- A worker that dies of a bug fails the requests it held at once, and a new one takes the queue.
 - close() stops intake and lets the worker finish everything already queued (graceful shutdown).
 """
 
@@ -89,7 +91,8 @@ class Admission:
 
 class DynamicBatcher:
     def __init__(self, model: str, run_batch: RunBatch, executor: Executor, max_batch_size: int,
-                 max_queue_delay_s: float, max_queue_size: int, metrics: ServiceMetrics | None = None):
+                 max_queue_delay_s: float, max_queue_size: int, metrics: ServiceMetrics | None = None,
+                 on_batch: Callable[[bool], None] | None = None):
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError("need max_batch_size >= 1, max_queue_size >= 1 and max_queue_delay_s >= 0")
         self.model = model
@@ -99,6 +102,9 @@ class DynamicBatcher:
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.metrics = metrics
+        self.on_batch = on_batch
+        self.worker_restarts = 0
+        self._held: list[_Pending] = []  # the batch being formed or run: failed at once if the worker dies
         self._queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue_size)
         self._worker: asyncio.Task | None = None
         self._accepting = False
@@ -131,7 +137,24 @@ class DynamicBatcher:
 
     def start(self) -> None:
         self._accepting = True
+        self._start_worker()
+
+    def _start_worker(self) -> None:
         self._worker = asyncio.create_task(self._work(), name=f"diffad-batcher-{self.model}")
+        self._worker.add_done_callback(self._worker_ended)
+
+    def _worker_ended(self, worker: asyncio.Task) -> None:
+        if worker.cancelled() or worker.exception() is None:
+            return
+        log.error("model %s: the batcher's worker died; failing the %d request(s) it held and starting a new one",
+                  self.model, len(self._held), exc_info=worker.exception())
+        for item in self._held:
+            if not item.future.done():
+                item.future.set_exception(InferenceError("internal error while batching"))
+        self._held, self._forming = [], 0
+        if self._accepting:
+            self.worker_restarts += 1
+            self._start_worker()
 
     async def infer(self, image: np.ndarray, deadline: float, admission: Admission | None = None) -> InferenceResult:
         """Queue one image (uint8 C x H x W) and wait for its result until deadline (time.monotonic()); an
@@ -171,7 +194,11 @@ class DynamicBatcher:
         except asyncio.TimeoutError:
             log.warning("model %s: queue not drained in %.0f s; cancelling what is left", self.model, timeout_s)
             self._worker.cancel()
-            self._fail_queued(BatcherClosedError("the service shut down before this request ran"))
+            error = BatcherClosedError("the service shut down before this request ran")
+            for item in self._held:  # the batch being formed or run is answered too, not left to its deadline
+                if not item.future.done():
+                    item.future.set_exception(error)
+            self._fail_queued(error)
 
     # --- the worker --------------------------------------------------------------------------------
     async def _work(self) -> None:
@@ -181,6 +208,7 @@ class DynamicBatcher:
             if first is _STOP:
                 break
             batch = [first]
+            self._held = batch
             self._forming = 1
             batch_closes = first.enqueued_at + self.max_queue_delay_s
             while len(batch) < self.max_batch_size:
@@ -207,6 +235,7 @@ class DynamicBatcher:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(InferenceError("internal error while batching"))
+            self._held = []
 
     def _live(self, batch: list[_Pending]) -> list[_Pending]:
         """The requests still wanted: not cancelled by their client, and able to get their answer before
@@ -240,7 +269,9 @@ class DynamicBatcher:
             for item in live:
                 if not item.future.done():
                     item.future.set_exception(InferenceError(f"inference failed: {type(e).__name__}"))
+            self._report(False)
             return
+        self._report(True)
         elapsed = time.monotonic() - started
         self._recent_batch_s.append(elapsed)
         self._seconds_per_batch = elapsed if not self._seconds_per_batch else (
@@ -254,6 +285,13 @@ class DynamicBatcher:
                 self.metrics.queue_duration.labels(self.model).observe(queue_s)
             if not item.future.done():
                 item.future.set_result(InferenceResult(maps[i], float(scores[i]), queue_s, elapsed, len(live)))
+
+    def _report(self, ok: bool) -> None:
+        if self.on_batch is not None:
+            try:
+                self.on_batch(ok)
+            except Exception:
+                log.exception("model %s: the batch report failed", self.model)
 
     def _call_backend(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = self.run_batch(np.stack(images))

@@ -47,6 +47,11 @@ class ServiceMetrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("diffad_queue_depth", "Requests waiting in the model's queue", ["model"],
                                  registry=r)
+        self.backend_info = Gauge(
+            "diffad_backend_info", "1 for the backend serving the model: its name, device and precision, and "
+            "fallback=\"true\" when backend=auto could not use the TensorRT engine it found",
+            ["model", "backend", "device", "precision", "fallback"], registry=r)
+        self._backend_labels: set[tuple[str, ...]] = set()
         self.decoding = Gauge("diffad_decoding_requests", "Requests admitted and being read or decoded (they hold "
                               "a place in the queue: diffad_queue_depth counts them)", ["model"], registry=r)
         self.deadline_dropped = Counter(
@@ -55,6 +60,15 @@ class ServiceMetrics:
             ["model"], registry=r)
         self.model_ready = Gauge("diffad_model_ready", "1 once the model is loaded and warmed up, else 0",
                                  ["model"], registry=r)
+
+    def set_backend(self, model: str, backend: str, device: str, precision: str, fallback: str | None) -> None:
+        """diffad_backend_info: 1 for what serves the model now (a reopened model's old series removed)."""
+        for labels in [k for k in self._backend_labels if k[0] == model]:
+            self.backend_info.remove(*labels)
+            self._backend_labels.discard(labels)
+        labels = (model, backend, device, precision, "true" if fallback else "false")
+        self.backend_info.labels(*labels).set(1)
+        self._backend_labels.add(labels)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,11 +5,16 @@ so a mistake stops the service before it listens. Opening the backends and warmi
 afterwards, in the background (`start`), while /healthz already answers and /readyz says 503; a model
 turns ready after a warm-up batch at its largest batch size, which is also where TensorRT and ONNX
 Runtime allocate their buffers.
+
+Readiness follows health: a model that fails to load, or whose backend fails DIFFAD_UNHEALTHY_AFTER_FAILURES
+batches in a row (a sticky CUDA error, say), turns unready and is opened again, with a backoff of 1, 2,
+4 ... 60 s between tries, while the other models go on serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +30,16 @@ from .settings import Settings
 
 log = logging.getLogger("diffad.service")
 
-LOADING, READY, FAILED, STOPPED = "loading", "ready", "failed", "stopped"
+LOADING, READY, FAILED, RELOADING, STOPPED = "loading", "ready", "failed", "reloading", "stopped"
+RETRY_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)  # between tries to open a model; the last repeats
+
+
+def _close_when_opened(opening: asyncio.Future) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        try:
+            opening.result().close()
+        except Exception:
+            log.exception("closing a backend opened during shutdown failed")
 
 
 @dataclass(eq=False)
@@ -37,6 +51,9 @@ class ModelRuntime:
     state: str = LOADING
     error: str | None = None
     warmup_s: float | None = None
+    consecutive_failures: int = 0
+    attempts: int = 0  # tries to open the backend so far
+    reopening: asyncio.Task | None = None
 
     @property
     def name(self) -> str:
@@ -56,7 +73,7 @@ class ModelRuntime:
         spec = self.bundle.input
         return {"name": self.name, "input_size": spec.size, "channels": spec.channels,
                 "threshold": self.bundle.threshold, "calibrated": self.bundle.calibrated,
-                "backend": self.backend.name if self.backend is not None else None,
+                "backend": self.backend.name if self.backend is not None and self.ready else None,
                 "max_batch_size": self.batcher.max_batch_size if self.batcher is not None else None,
                 "state": self.state}
 
@@ -84,46 +101,111 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and all(m.ready for m in self.models.values())
+        """At least one model serves (and the service is not shutting down): a load balancer may send work."""
+        return not self.draining and any(m.ready for m in self.models.values())
 
-    def status(self) -> dict:
-        return {"ready": self.ready, "draining": self.draining,
-                "models": {name: m.status() for name, m in self.models.items()}}
+    def status(self, model: str | None = None) -> dict:
+        models = self.models if model is None else {model: self.models[model]}
+        ready = not self.draining and (self.ready if model is None else models[model].ready)
+        return {"ready": ready, "draining": self.draining, "models": {n: m.status() for n, m in models.items()}}
 
     async def start(self) -> None:
-        """Open each model's backend on its own thread, warm it up, start its batcher (models in parallel)."""
+        """Open each model's backend on its own thread, warm it up, start its batcher (models in parallel);
+        a model that fails is tried again in the background."""
         await asyncio.gather(*(self._start_one(m) for m in self.models.values()))
 
     async def _start_one(self, model: ModelRuntime) -> None:
+        if not await self._open(model):
+            self._reopen_later(model)
+
+    async def _open(self, model: ModelRuntime) -> bool:
+        """Open, warm up and put to work the model's backend (again, after a failure); False if it failed."""
         loop = asyncio.get_running_loop()
         settings = self.settings
+        model.attempts += 1
+        backend = None
         try:
             started = time.monotonic()
-            model.backend = await loop.run_in_executor(model.executor, self.backend_factory, model.bundle, settings)
-            limit = model.backend.max_batch_size
+            opening = loop.run_in_executor(model.executor, self.backend_factory, model.bundle, settings)
+            try:
+                backend = await asyncio.shield(opening)
+            except asyncio.CancelledError:  # stopped while opening: close what the thread still returns
+                opening.add_done_callback(_close_when_opened)
+                raise
+            limit = backend.max_batch_size
             batch_size = min(settings.max_batch_size, limit) if limit else settings.max_batch_size
-            await loop.run_in_executor(model.executor, self._warm_up, model, batch_size)
-            model.batcher = DynamicBatcher(model.name, model.backend, model.executor, batch_size,
-                                           settings.max_queue_delay_s, settings.max_queue_size, self.metrics)
-            model.batcher.start()
-            model.warmup_s = time.monotonic() - started
+            await loop.run_in_executor(model.executor, self._warm_up, model.name, model.bundle, backend, batch_size)
         except Exception as e:
-            model.state, model.error = FAILED, f"{type(e).__name__}: {e}"
-            log.error("model %s failed to load: %s", model.name, model.error, exc_info=not isinstance(e, BundleError))
-            return
+            if backend is not None:
+                await self._close_backend(model, backend)
+            model.error = f"{type(e).__name__}: {e}"
+            model.state = FAILED if model.state in (LOADING, FAILED) else RELOADING
+            log.error("model %s failed to load (try %d): %s", model.name, model.attempts, model.error,
+                      exc_info=not isinstance(e, BundleError))
+            return False
+        model.backend, model.error, model.consecutive_failures = backend, None, 0
+        model.warmup_s = time.monotonic() - started
+        if model.batcher is None:
+            model.batcher = DynamicBatcher(model.name, backend, model.executor, batch_size,
+                                           settings.max_queue_delay_s, settings.max_queue_size, self.metrics,
+                                           on_batch=lambda ok, m=model: self._batch_done(m, ok))
+            model.batcher.start()
+        else:  # a reopened model: the same queue, the new backend
+            model.batcher.run_batch = backend
         model.state = READY
         self.metrics.model_ready.labels(model.name).set(1)
+        self.metrics.set_backend(model.name, backend.name, getattr(backend, "device", "unknown"),
+                                 getattr(backend, "precision", "unknown"), getattr(backend, "fallback", None))
         log.info("model %s ready: %s, max batch %d, loaded and warmed up in %.1f s", model.name,
-                 model.backend.describe(), model.batcher.max_batch_size, model.warmup_s)
+                 backend.describe(), model.batcher.max_batch_size, model.warmup_s)
+        return True
+
+    def _batch_done(self, model: ModelRuntime, ok: bool) -> None:
+        """The batcher's report on each batch: enough failures in a row and the model is opened again."""
+        model.consecutive_failures = 0 if ok else model.consecutive_failures + 1
+        if (not ok and model.state == READY and not self.draining
+                and model.consecutive_failures >= self.settings.unhealthy_after_failures):
+            model.state = RELOADING
+            model.error = f"{model.consecutive_failures} batches failed in a row"
+            self.metrics.model_ready.labels(model.name).set(0)
+            log.error("model %s is unhealthy (%s): unready, opening its backend again", model.name, model.error)
+            self._reopen_later(model, first_delay_s=0.0)
+
+    def _reopen_later(self, model: ModelRuntime, first_delay_s: float | None = None) -> None:
+        if self.draining or (model.reopening is not None and not model.reopening.done()):
+            return
+        model.reopening = asyncio.get_running_loop().create_task(self._reopen(model, first_delay_s),
+                                                                 name=f"diffad-reopen-{model.name}")
+
+    async def _reopen(self, model: ModelRuntime, first_delay_s: float | None) -> None:
+        tries = 0
+        while not self.draining:
+            delay = RETRY_BACKOFF_S[min(tries, len(RETRY_BACKOFF_S) - 1)] if first_delay_s is None or tries else first_delay_s
+            log.info("model %s: opening it again in %g s", model.name, delay)
+            await asyncio.sleep(delay)
+            if self.draining:
+                return
+            old, model.backend = model.backend, None
+            if old is not None:
+                await self._close_backend(model, old)
+            if await self._open(model):
+                return
+            tries += 1
+
+    async def _close_backend(self, model: ModelRuntime, backend: Backend) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(model.executor, backend.close)
+        except Exception:
+            log.exception("model %s: closing its backend failed", model.name)
 
     @staticmethod
-    def _warm_up(model: ModelRuntime, batch_size: int) -> None:
-        spec = model.bundle.input
+    def _warm_up(name: str, bundle: Bundle, backend: Backend, batch_size: int) -> None:
+        spec = bundle.input
         for size in sorted({1, batch_size}):
             images = np.zeros((size, spec.channels, spec.size, spec.size), dtype=np.uint8)
-            maps, scores = model.backend(images)
+            maps, scores = backend(images)
             if maps.shape != (size, 1, spec.size, spec.size) or scores.shape != (size,):
-                raise BundleError(f"model {model.name}: the backend answered shapes {maps.shape}, {scores.shape} "
+                raise BundleError(f"model {name}: the backend answered shapes {maps.shape}, {scores.shape} "
                                   f"for a batch of {size} ({spec.channels}x{spec.size}x{spec.size})")
 
     def begin_drain(self) -> None:
@@ -134,13 +216,15 @@ class ModelRegistry:
 
     async def close(self, timeout_s: float) -> None:
         self.begin_drain()
+        for model in self.models.values():
+            if model.reopening is not None and not model.reopening.done():
+                model.reopening.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await model.reopening
         await asyncio.gather(*(m.batcher.close(timeout_s) for m in self.models.values() if m.batcher is not None))
         for model in self.models.values():
             self.metrics.model_ready.labels(model.name).set(0)
             model.state = STOPPED if model.state == READY else model.state
             if model.backend is not None:
-                try:
-                    await asyncio.get_running_loop().run_in_executor(model.executor, model.backend.close)
-                except Exception:
-                    log.exception("model %s: closing its backend failed", model.name)
+                await self._close_backend(model, model.backend)
             model.executor.shutdown(wait=False, cancel_futures=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -12,7 +13,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from .batcher import BatcherClosedError, InferenceError, InferenceResult, QueueFullError, RequestTimeoutError
-from .deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
+from .deps import API_KEY_HEADER, MetricsDep, RegistryDep, SettingsDep, api_key_accepted, require_api_key
 from .images import ImageError, check_content_type, decode_image, encode_map_png, map_size
 from .metrics import MODEL_STATE_KEY
 from .models import ModelRegistry, ModelRuntime
@@ -36,10 +37,23 @@ async def healthz() -> Liveness:
     return Liveness()
 
 
-@public_router.get("/readyz", tags=["health"], summary="200 once every model is loaded and warmed up",
-                   responses={503: {"description": "loading, a model failed, or shutting down"}})
-async def readyz(registry: RegistryDep) -> JSONResponse:
-    status = registry.status()
+_PATH = re.compile(r"[^\s'\"()]*[/\\][^\s'\"()]*")  # any word with a slash in it: a path, absolute or not
+
+
+@public_router.get("/readyz", tags=["health"], summary="200 while at least one model (or the one named) serves",
+                   responses={503: {"description": "loading, failed, reloading, or shutting down"},
+                              404: {"description": "unknown model"}})
+async def readyz(request: Request, registry: RegistryDep, settings: SettingsDep,
+                 model: Annotated[str | None, Query(max_length=256, description="this model only")] = None
+                 ) -> JSONResponse:
+    if model is not None and model not in registry.models:
+        raise HTTPException(404, f"unknown model {model[:64]!r}")
+    status = registry.status(model)
+    if not api_key_accepted(settings, request.headers.get(API_KEY_HEADER)) or not settings.api_keys:
+        # Errors name files and folders: only a caller with an API key reads them whole.
+        for entry in status["models"].values():
+            if "error" in entry:
+                entry["error"] = _PATH.sub("<path>", entry["error"])
     if status["ready"]:
         return JSONResponse(status)
     return JSONResponse({"detail": status}, status_code=503)

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     max_map_pixels: int = Field(
         16_000_000, ge=1, description="largest returned anomaly map (width x height): a larger image's map is "
         "scaled down, aspect kept, and its size given as map_width and map_height")
+    unhealthy_after_failures: int = Field(
+        3, ge=1, description="batches failing in a row after which a model turns unready and is opened again")
     max_concurrent_decodes: int = Field(
         2, ge=1, le=256, description="uploads decoded (and maps encoded) at once: with the image and map limits, "
         "what bounds the service's memory")
