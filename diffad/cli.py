@@ -231,6 +231,14 @@ def _add_service_verbs(verbs) -> None:
         description="Start `diffad serve` on the bundle (once with dynamic batching, once without) and drive "
         "it with concurrent HTTP clients from this process; report throughput and latency percentiles next "
         "to the bare backend's throughput at the same batch sizes."))
+    from .benchmarks.overload import add_arguments as add_overload_arguments
+
+    add_overload_arguments(benches.add_parser(
+        "overload", help="the service past its capacity, with large images, and stopped under load",
+        description="On fresh `diffad serve` subprocesses: measure capacity, then send requests at 1x, 2x and "
+        "5x of it regardless of answers; report goodput, 429 and 504 counts and latencies, images computed "
+        "but never answered and peak resident memory; then large images, then SIGTERM under load (answered, "
+        "refused with 503, lost)."))
     from .benchmarks.quality import add_arguments as add_quality_arguments
 
     add_quality_arguments(benches.add_parser(
@@ -270,10 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "bench":
             import shlex
 
-            from .benchmarks import load, quality, speed
+            from .benchmarks import load, overload, quality, speed
 
             args.command = shlex.join(["diffad", *(sys.argv[1:] if argv is None else argv)])  # for the records
-            return {"load": load.run, "quality": quality.run, "speed": speed.run}[args.bench](args)
+            return {"load": load.run, "overload": overload.run, "quality": quality.run,
+                    "speed": speed.run}[args.bench](args)
     except ValueError as e:  # DataError, CheckpointError, BundleError and bad settings are ValueErrors
         print(f"diffad {args.verb}: error: {e}", file=sys.stderr)
         return 2

@@ -379,21 +379,24 @@ def test_uploads_being_decoded_hold_places_and_a_full_queue_refuses_before_readi
             assert batcher.decoding == 2 and batcher.depth == 2  # nothing queued yet, and yet full
             metrics = (await client.get("/metrics")).text
 
+            refused = await client.post("/inspect", files=upload(solid_image(30)))  # small: read, dropped
+
             async def body_chunks():  # tells whether the service read any of the refused upload
                 seen_bodies.append("started")
                 yield b"--x\r\nContent-Disposition: form-data; name=file; filename=p.png\r\n\r\n"
                 yield solid_image(30) + b"\r\n--x--\r\n"
 
-            refused = await client.post("/inspect", content=body_chunks(),
-                                        headers={"Content-Type": "multipart/form-data; boundary=x"})
+            unread = await client.post("/inspect", content=body_chunks(),  # no length: left unread, closed
+                                       headers={"Content-Type": "multipart/form-data; boundary=x"})
             decoding_may_finish.set()
             answers = await asyncio.gather(*first)
-            return refused, answers, metrics, batcher.decoding
+            return refused, unread, answers, metrics, batcher.decoding
 
-    refused, answers, metrics, decoding_after = asyncio.run(scenario())
+    refused, unread, answers, metrics, decoding_after = asyncio.run(scenario())
     assert refused.status_code == 429 and "queue limit (2)" in refused.json()["detail"]
-    assert int(refused.headers["Retry-After"]) >= 1 and refused.headers["Connection"] == "close"
-    assert seen_bodies == [] and len(decoded) == 2  # the refused upload was neither read nor decoded
+    assert int(refused.headers["Retry-After"]) >= 1 and "connection" not in refused.headers  # kept alive
+    assert unread.status_code == 429 and unread.headers["Connection"] == "close"
+    assert seen_bodies == [] and len(decoded) == 2  # neither refused upload was decoded; the second not read
     assert [a.status_code for a in answers] == [200, 200] and decoding_after == 0
     assert 'diffad_decoding_requests{model="weave"} 2.0' in metrics
     assert 'diffad_queue_depth{model="weave"} 2.0' in metrics

@@ -388,3 +388,26 @@ def test_bench_load_reports_batching_and_bare_backend(bundle_dir, tmp_path, caps
     assert all(row["images_per_s"] > 0 for row in result["bare_backend"])
     assert result["batching_speedup"] == pytest.approx(batching["throughput_img_s"] / plain["throughput_img_s"],
                                                        rel=1e-2)
+
+
+def test_bench_overload_counts_every_request_and_loses_none_on_sigterm(bundle_dir, tmp_path, capsys):
+    out = tmp_path / "overload.json"
+    assert main(["bench", "overload", str(bundle_dir), "--seconds", "1.5", "--concurrency", "4", "--multiples", "2",
+                 "--threads", "1", "--large-side", "600", "--large-concurrency", "2", "--drain-grace-s", "3",
+                 "--json", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == result
+    phases = result["phases"]
+    assert list(phases) == ["capacity", "2x", "large_images", "sigterm"]
+    assert result["capacity_img_s"] == phases["capacity"]["throughput_img_s"] > 0
+    over = phases["2x"]
+    assert over["offered_img_s"] == pytest.approx(2 * result["capacity_img_s"], rel=0.01)
+    assert sum(over["statuses"].values()) == over["sent"] > 0  # every request sent has an outcome
+    assert over["computed_images"] >= over["statuses"].get("200", 0)
+    assert over["computed_unanswered"] == over["computed_images"] - over["statuses"].get("200", 0)
+    assert phases["large_images"]["statuses"] == {"200": phases["large_images"]["ok"]}
+    stop = phases["sigterm"]
+    # the port stays open through the grace: whatever is not answered is refused with 503, never lost
+    assert stop["lost"] == 0 and stop["answered"] + stop["refused_503"] == stop["sent"]
+    assert stop["refused_503"] > 0 and stop["answered"] > 0
+    assert all(p["peak_rss_mib"] > 0 for p in (over, stop, phases["large_images"]))

@@ -198,13 +198,15 @@ class ServerProcess:
     """`diffad serve` in a subprocess on a free local port; waits for /readyz, SIGTERMs on exit."""
 
     def __init__(self, bundle: str, backend: str, max_batch_size: int, max_queue_delay_ms: float,
-                 concurrency: int, threads: int | None, ready_timeout_s: float = 120.0):
+                 concurrency: int, threads: int | None, ready_timeout_s: float = 120.0,
+                 max_queue_size: int | None = None, extra_flags: list[str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [sys.executable, "-m", "diffad.cli", "serve", str(bundle), "--host", "127.0.0.1",
                         "--port", str(self.port), "--backend", backend, "--max-batch-size", str(max_batch_size),
                         "--max-queue-delay-ms", str(max_queue_delay_ms),
-                        "--max-queue-size", str(max(256, 4 * concurrency)), "--log-level", "warning"]
+                        "--max-queue-size", str(max_queue_size or max(256, 4 * concurrency)), "--log-level",
+                        "warning", *(extra_flags or [])]
         if threads:
             self.command += ["--threads", str(threads)]
         self.ready_timeout_s = ready_timeout_s
@@ -244,6 +246,16 @@ class ServerProcess:
                 self.process.wait()
         self.log.close()
         return False
+
+    def peak_rss_mib(self) -> float | None:
+        """The server's peak resident memory so far (Linux: VmHWM), None where it cannot be read."""
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            pass
+        return None
 
     def _log_tail(self, limit: int = 4000) -> str:
         self.log.seek(0)

@@ -158,16 +158,39 @@ class AdmissionMiddleware:
             full = isinstance(e, QueueFullError)
             detail = (f"model {runtime.name} is at its queue limit ({self.settings.max_queue_size})" if full
                       else "the service is shutting down")
-            retry = str(e.retry_after_s) if full else "1"
-            # The body stays unread: the connection closes after the answer rather than skip it.
-            response = JSONResponse({"detail": detail}, status_code=429 if full else 503,
-                                    headers={"Retry-After": retry, "Connection": "close"})
+            headers = {"Retry-After": str(e.retry_after_s) if full else "1"}
+            if await _discard_small_body(scope, receive):
+                # A client still sending would read a reset, not the answer: a small body is read and
+                # dropped (never parsed or decoded); a large one is left unread and the connection closed.
+                headers["Connection"] = "close"
+            response = JSONResponse({"detail": detail}, status_code=429 if full else 503, headers=headers)
             return await response(scope, receive, send)
         state[ADMISSION_STATE_KEY] = admission
         try:
             await self.app(scope, receive, send)
         finally:
             admission.release()
+
+
+# A refused upload up to this size is read and dropped so that its client reads the refusal; above, the
+# connection is closed instead of spending the transfer.
+DISCARD_BODY_LIMIT = 1 << 20
+
+
+async def _discard_small_body(scope: Scope, receive: Receive) -> bool:
+    """Read and drop the request body when it is declared and small; True when it was left unread."""
+    declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+    if declared is None or not declared.isdigit() or int(declared) > DISCARD_BODY_LIMIT:
+        return True
+    received = 0
+    while received <= DISCARD_BODY_LIMIT:
+        message = await receive()
+        if message["type"] != "http.request":
+            return True
+        received += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return False
+    return True
 
 
 class ObservabilityMiddleware:

@@ -7,7 +7,7 @@ keeps serving meanwhile) and answers each request with its own row of the result
 - A full queue refuses at once (QueueFullError, HTTP 429 with Retry-After) instead of growing latency.
   Requests still being read and decoded hold a place too (`admit`), so the service refuses before it
   spends anything on an upload it could not queue.
-- A request whose deadline would pass before its batch could finish (the quickest of the last few batches
+- A request whose deadline would pass before its batch could finish (the median of the last five batches
   says when) is answered 504 when the batch is formed, never computed late; one whose client went away
   (its future cancelled) is skipped the same way. Under overload the backend computes only answerable work.
   A request that even fresh could not be answered by that estimate is still tried: batches slower than
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -109,7 +110,7 @@ class DynamicBatcher:
         self._worker: asyncio.Task | None = None
         self._accepting = False
         self._seconds_per_batch = 0.0  # moving average, for Retry-After
-        self._recent_batch_s: deque[float] = deque(maxlen=5)  # their minimum: what a batch takes at least
+        self._recent_batch_s: deque[float] = deque(maxlen=5)  # their median: what a batch takes
         self._forming = 0  # requests taken off the queue into the batch being formed
         self._admitted = 0  # requests admitted, still being read or decoded
         if metrics is not None:
@@ -241,12 +242,12 @@ class DynamicBatcher:
         """The requests still wanted: not cancelled by their client, and able to get their answer before
         their deadline if the batch takes as long as batches have lately."""
         now = time.monotonic()
-        at_least = min(self._recent_batch_s, default=0.0)
+        takes = statistics.median(self._recent_batch_s) if self._recent_batch_s else 0.0
         live = []
         for item in batch:
             if item.future.done():  # cancelled: the client went away or its wait timed out
                 continue
-            if item.deadline - now <= at_least < item.deadline - item.enqueued_at or now >= item.deadline:
+            if item.deadline - now <= takes < item.deadline - item.enqueued_at or now >= item.deadline:
                 item.future.set_exception(RequestTimeoutError("the request's deadline would pass before its "
                                                               "batch finished"))
                 if self.metrics is not None:

@@ -1,0 +1,190 @@
+"""`diffad bench overload`: the service when more arrives than it can compute, with large images, and stopped.
+
+Phases, each on a fresh `diffad serve` subprocess (so that its peak memory is the phase's own):
+
+1. capacity: closed loop, `--concurrency` clients, `--seconds`: the images/s the service sustains;
+2. open-loop arrivals at 1x, 2x and 5x that capacity (`--multiples`) with the server's request timeout
+   (`--timeout-s`): goodput (answers 200 per second), 429 and 504 counts and their latencies, images the
+   backend computed that nobody received (from diffad_batch_size), and the server's peak resident memory;
+3. large images: `--large-concurrency` clients sending a `--large-side` px PNG with its full-size map;
+4. SIGTERM under load: arrivals at 1x; the server gets SIGTERM halfway; answered (200), refused (503)
+   and lost (connection errors) requests are counted while it drains.
+
+Client and server share the machine: compare the phases with each other, not with another machine.
+
+    diffad bench overload bundles/dagm --seconds 10 --json bench/results/cpu_small_overload.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import signal
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .load import ServerProcess, batch_size_sum_count, drive, generated_png, percentiles_ms
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", metavar="BUNDLE_DIR")
+    p.add_argument("--backend", default="onnxruntime", choices=("auto", "onnxruntime", "tensorrt", "torch"),
+                   help="the server's backend (default onnxruntime)")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of each phase (default 10)")
+    p.add_argument("--concurrency", type=int, default=16, help="clients of the capacity phase (default 16)")
+    p.add_argument("--multiples", default="1,2,5", help="arrival rates as multiples of capacity (default 1,2,5)")
+    p.add_argument("--timeout-s", type=float, default=2.0, help="the server's DIFFAD_REQUEST_TIMEOUT_S (default 2)")
+    p.add_argument("--max-queue-size", type=int, default=16, help="the server's queue bound (default 16)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="default 8")
+    p.add_argument("--threads", type=int, help="backend intra-op threads")
+    p.add_argument("--large-side", type=int, default=4000, help="side of the large-image phase's PNG (default 4000)")
+    p.add_argument("--large-concurrency", type=int, default=8, help="its clients (default 8)")
+    p.add_argument("--drain-grace-s", type=float, default=2.0, help="the server's grace after SIGTERM (default 2)")
+    p.add_argument("--json", metavar="FILE", help="also write the result to FILE")
+
+
+def run(args) -> int:
+    from ..export.bundle import load_bundle
+    from .throughput import machine
+
+    multiples = [float(m) for m in args.multiples.split(",") if m.strip()]
+    if (args.seconds <= 0 or args.concurrency < 1 or not multiples or min(multiples) <= 0
+            or args.large_side < 1 or args.large_concurrency < 1):
+        raise ValueError("--seconds, --concurrency, --multiples, --large-side and --large-concurrency must be positive")
+    bundle = load_bundle(args.bundle)
+    payload = generated_png(bundle.input.size, bundle.input.channels)
+
+    def server(**extra) -> ServerProcess:
+        flags = ["--request-timeout-s", str(args.timeout_s), "--drain-grace-s", str(args.drain_grace_s)]
+        for name, value in extra.items():
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+        return ServerProcess(args.bundle, args.backend, args.max_batch_size, 5.0, args.concurrency, args.threads,
+                             max_queue_size=args.max_queue_size, extra_flags=flags)
+
+    phases = {}
+    with server() as s:
+        capacity = asyncio.run(drive(s.url, payload, args.concurrency, args.seconds, None, "png"))
+        capacity["peak_rss_mib"] = s.peak_rss_mib()
+    phases["capacity"] = capacity
+    rate = capacity["throughput_img_s"]
+    print(json.dumps({"capacity_img_s": rate}), file=sys.stderr, flush=True)
+    for multiple in multiples:
+        with server() as s:
+            result = asyncio.run(open_loop(s, payload, multiple * rate, args.seconds))
+        phases[f"{multiple:g}x"] = {"multiple": multiple, **result}
+        print(json.dumps({f"{multiple:g}x": summary_line(result)}), file=sys.stderr, flush=True)
+    large = large_png(args.large_side, bundle.input.channels)
+    with server() as s:
+        result = asyncio.run(drive(s.url, large, args.large_concurrency, args.seconds, None, "png",
+                                   warmup_requests=0))
+        result["peak_rss_mib"] = s.peak_rss_mib()
+    phases["large_images"] = {"side": args.large_side, "png_bytes": len(large), "concurrency": args.large_concurrency,
+                              **result}
+    with server() as s:
+        phases["sigterm"] = asyncio.run(open_loop(s, payload, rate, args.seconds, sigterm_after_s=args.seconds / 2))
+    out = {"benchmark": "overload", "model": bundle.name, "bundle": str(args.bundle), "backend": args.backend,
+           "input": [bundle.input.channels, bundle.input.size, bundle.input.size],
+           "server": {"request_timeout_s": args.timeout_s, "max_queue_size": args.max_queue_size,
+                      "max_batch_size": args.max_batch_size, "drain_grace_s": args.drain_grace_s},
+           "seconds_per_phase": args.seconds, "capacity_img_s": rate, "phases": phases, "machine": machine()}
+    text = json.dumps(out, indent=2)
+    print(markdown_table(out), file=sys.stderr)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def large_png(side: int, channels: int) -> bytes:
+    """A side x side PNG of smooth texture (compresses to little, decodes to side^2 x channels bytes)."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:side, 0:side]
+    plane = ((np.sin(xx / 37.0) + np.cos(yy / 23.0)) * 60 + 128).astype(np.uint8)
+    pixels = plane if channels == 1 else np.stack([plane, plane[::-1], plane[:, ::-1]], -1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+async def open_loop(server: ServerProcess, payload: bytes, rate: float, seconds: float,
+                    sigterm_after_s: float | None = None) -> dict:
+    """Requests sent at `rate` per second for `seconds` regardless of answers (as a line camera sends them)."""
+    import httpx
+
+    statuses: Counter = Counter()
+    latencies: dict[str, list[float]] = defaultdict(list)
+    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60.0) as client:
+        before = await batch_size_sum_count(client)
+
+        async def one() -> None:
+            started = time.perf_counter()
+            try:
+                response = await client.post("/inspect", params={"map": "png"},
+                                             files={"file": ("bench.png", payload, "image/png")})
+            except httpx.HTTPError as e:
+                statuses[type(e).__name__] += 1
+                return
+            statuses[str(response.status_code)] += 1
+            latencies[str(response.status_code)].append(time.perf_counter() - started)
+
+        tasks, started, sent = [], time.perf_counter(), 0
+        signalled = False
+        while (now := time.perf_counter() - started) < seconds:
+            if sigterm_after_s is not None and not signalled and now >= sigterm_after_s:
+                server.process.send_signal(signal.SIGTERM)
+                signalled = True
+            while sent < rate * now:
+                tasks.append(asyncio.create_task(one()))
+                sent += 1
+            await asyncio.sleep(0.002)
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+        after = None if sigterm_after_s is not None else await batch_size_sum_count(client)
+    peak = server.peak_rss_mib()
+    result = {"offered_img_s": round(rate, 2), "sent": sent, "seconds": round(elapsed, 3),
+              "statuses": dict(statuses), "goodput_img_s": round(statuses["200"] / elapsed, 2),
+              "latency_ms": {status: percentiles_ms(values) for status, values in sorted(latencies.items())},
+              "peak_rss_mib": peak}
+    if after is not None:
+        computed = after[0] - before[0]
+        result.update(computed_images=int(computed), computed_unanswered=int(computed - statuses["200"]))
+    else:
+        result.update(answered=statuses["200"], refused_503=statuses["503"],
+                      lost=sum(v for k, v in statuses.items() if not k.isdigit()))
+    return result
+
+
+def summary_line(result: dict) -> str:
+    s = result["statuses"]
+    return (f"goodput {result['goodput_img_s']} img/s, 200: {s.get('200', 0)}, 429: {s.get('429', 0)}, "
+            f"504: {s.get('504', 0)}, computed unanswered: {result.get('computed_unanswered')}")
+
+
+def markdown_table(record: dict) -> str:
+    """The README's overload table: one row per phase."""
+    lines = ["| phase | offered img/s | goodput img/s | 200 | 429 | 504 | 503 | lost | 429 p50 / p95 ms "
+             "| 200 p95 ms | computed, unanswered | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, phase in record["phases"].items():
+        s = phase.get("statuses", {})
+        lat = phase.get("latency_ms", {})
+        if "200" in lat or "429" in lat:  # open loop: latencies by status
+            ok, refused = lat.get("200", {}), lat.get("429", {})
+        else:  # closed loop: latencies of the 200s
+            ok, refused = lat, {}
+        offered = phase.get("offered_img_s", "closed loop")
+        goodput = phase.get("goodput_img_s", phase.get("throughput_img_s"))
+        lost = sum(v for k, v in s.items() if not k.isdigit())
+        label = f"large {phase['side']} px" if name == "large_images" else name
+        lines.append(f"| {label} | {offered} | {goodput} | {s.get('200', 0)} | {s.get('429', 0)} | "
+                     f"{s.get('504', 0)} | {s.get('503', 0)} | {lost} | "
+                     f"{refused.get('p50', '–')} / {refused.get('p95', '–')} | {ok.get('p95', '–')} | "
+                     f"{phase.get('computed_unanswered', '–')} | {phase.get('peak_rss_mib', '–')} |")
+    return "\n".join(lines)
