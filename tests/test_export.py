@@ -9,6 +9,7 @@ tensorrt package are present; everything around it is tested everywhere.
 import copy
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -211,7 +212,9 @@ def test_bundle_loads_and_normalizes_like_the_calibration(bundle_dir):
     assert bundle.name == "weave" and bundle.input.dtype == "uint8" and bundle.threshold == 0.42
     scores = np.array([0.0, 0.1, 0.3, 0.42, 0.5, 0.9, 1.0])
     np.testing.assert_allclose(bundle.normalize_score(scores), CALIBRATION.normalize(scores))
-    assert bundle.normalize_score(0.42) == 0.5
+    # 0.5 + (score - threshold) / (max - min), clipped: 0.6 for 0.5, 0 and 1 at the ends
+    assert bundle.normalize_score(0.5) == pytest.approx(0.6) and bundle.normalize_score(0.0) == 0.0
+    assert bundle.normalize_score(1.0) == 1.0
     assert bundle.is_anomalous(0.42) and not bundle.is_anomalous(0.41)
 
 
@@ -368,9 +371,11 @@ def test_engine_options_are_checked():
     assert EngineOptions.from_partial(max_batch=4) == EngineOptions(min_batch=1, opt_batch=4, max_batch=4)
     assert EngineOptions.from_partial(min_batch=16).opt_batch == 16
     assert EngineOptions.from_partial().opt_batch == 8
-    for bad in ({"min_batch": 0}, {"min_batch": 4, "opt_batch": 2}, {"opt_batch": 64, "max_batch": 32},
-                {"max_batch": -1}):
-        with pytest.raises(ValueError):
+    for bad, message in (({"min_batch": 0}, "--min-batch must be a positive integer, got 0"),
+                         ({"min_batch": 4, "opt_batch": 2}, "need --min-batch <= --opt-batch <= --max-batch, got 4, 2"),
+                         ({"opt_batch": 64, "max_batch": 32}, "got 1, 64, 32"),
+                         ({"max_batch": -1}, "--max-batch must be a positive integer, got -1")):
+        with pytest.raises(ValueError, match=re.escape(message)):
             EngineOptions(**bad)
 
 
@@ -380,9 +385,9 @@ def test_engine_filename():
         "model.nvidia-h100-80gb-hbm3.trt10.3.0.fp16.engine"
     assert engine_filename("NVIDIA A100-SXM4-40GB", "10.0.1.6", "fp32") == \
         "model.nvidia-a100-sxm4-40gb.trt10.0.1.6.fp32.engine"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="precision must be fp16 or fp32, got 'int8'"):
         engine_filename("Tesla T4", "10.3.0", "int8")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("TensorRT version must look like 10.3.0, got '10.3/../x'")):
         engine_filename("Tesla T4", "10.3/../x", "fp16")
 
 

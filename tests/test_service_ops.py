@@ -383,7 +383,8 @@ def test_bench_load_reports_batching_and_bare_backend(bundle_dir, tmp_path, caps
         assert run["throughput_img_s"] > 0 and run["server_backend"] == "onnxruntime-cpu"
         latency = run["latency_ms"]
         assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
-    assert plain["server_mean_batch_size"] == 1.0 and batching["server_mean_batch_size"] >= 1.0
+    # 4 clients and a 20 ms window: some batches hold more than one request; without batching none does
+    assert plain["server_mean_batch_size"] == 1.0 and batching["server_mean_batch_size"] > 1.0
     assert [row["batch"] for row in result["bare_backend"]] == [8, 1]
     assert all(row["images_per_s"] > 0 for row in result["bare_backend"])
     assert result["batching_speedup"] == pytest.approx(batching["throughput_img_s"] / plain["throughput_img_s"],

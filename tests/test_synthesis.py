@@ -349,18 +349,18 @@ def test_empty_texture_dir_is_an_error(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "config",
+    "config, message",
     [
-        SynthesisConfig(sources=("texture",)),
-        SynthesisConfig(sources=("dtd",)),
-        SynthesisConfig(sources=()),
-        SynthesisConfig(foreground="object"),
-        SynthesisConfig(probability=1.5),
-        SynthesisConfig(opacity_range=(0.8, 0.2)),
+        (SynthesisConfig(sources=("texture",)), "source 'texture' needs config.texture_dir"),
+        (SynthesisConfig(sources=("dtd",)), r"unknown anomaly sources \['dtd'\]"),
+        (SynthesisConfig(sources=()), "config.sources is empty"),
+        (SynthesisConfig(foreground="object"), "foreground must be 'auto' or 'none', got 'object'"),
+        (SynthesisConfig(probability=1.5), r"probability must be in \[0, 1\], got 1.5"),
+        (SynthesisConfig(opacity_range=(0.8, 0.2)), "opacity_range must satisfy"),
     ],
 )
-def test_invalid_config_is_rejected(config: SynthesisConfig) -> None:
-    with pytest.raises(ValueError):
+def test_invalid_config_is_rejected(config: SynthesisConfig, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         AnomalySynthesizer(config)
 
 

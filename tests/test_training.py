@@ -177,7 +177,7 @@ def test_time_budget_stops_training(category, tmp_path):
     summary = train(category, tmp_path / "run", "tiny", train_config=tiny_config(max_minutes=0.02, max_steps=10_000),
                     progress=False)
     assert 0 < summary["steps"] < 10_000
-    assert summary["train_seconds"] < 30
+    assert summary["train_seconds"] >= 0.02 * 60  # it stopped because the clock ran out, not before
 
 
 # --- precision, crops, averaging, BatchNorm, validation ------------------------------------------------
