@@ -527,6 +527,7 @@ def test_each_bad_input_gets_its_code_and_the_service_keeps_answering(bundle_dir
         (422, {"files": upload(good), "params": {"threshold": "-1"}}),  # scores lie in [0, 1]
         (422, {"files": upload(good), "params": {"threshold": "1.5"}}),
         (422, {"data": {"not_file": "x"}}),
+        (400, {"files": {"file": ("x" * 10_000 + ".png", good, "image/png")}}),  # a part header past the limit
         (404, {"files": upload(good), "params": {"model": "nope\nINFO forged log line"}}),
     ]
 
@@ -546,9 +547,10 @@ def test_each_bad_input_gets_its_code_and_the_service_keeps_answering(bundle_dir
     limit = settings.max_image_pixels  # the service's own limit and words, also where Pillow's trips first
     assert answers[5].json()["detail"] == f"image of 1200x1000 pixels exceeds the limit of {limit} pixels"
     assert answers[6].json()["detail"].startswith(f"image exceeds the limit of {limit} pixels")
+    assert "send the image as the form field 'file'" in answers[-3].json()["detail"]  # not a bare parser error
     counts = {(s.labels["model"], s.labels["status"]): s.value for f in text_string_to_metric_families(metrics)
               if f.name == "diffad_requests" for s in f.samples if s.name == "diffad_requests_total"}
-    assert counts[("weave", "400")] == 3 and counts[("weave", "413")] == 4 and counts[("weave", "415")] == 2
+    assert counts[("weave", "400")] == 4 and counts[("weave", "413")] == 4 and counts[("weave", "415")] == 2
     assert counts[("weave", "200")] == 1 and counts[("_unknown", "404")] == 1
 
 

@@ -19,7 +19,9 @@ from collections.abc import AsyncIterator
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -54,6 +56,7 @@ def create_app(settings: Settings, backend_factory: BackendFactory | None = None
     app.include_router(public_router)
     app.include_router(api_router)
     app.add_exception_handler(Exception, _internal_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
     app.add_middleware(AdmissionMiddleware, registry=registry, settings=settings)  # before the body is read
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)  # added last: outermost, sees every answer
@@ -75,6 +78,19 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
         await registry.close(timeout_s=settings.request_timeout_s)
+
+
+# Starlette's words for any multipart parsing error, the cause dropped: say what usually causes it.
+_STARLETTE_MULTIPART_ERROR = "Invalid multipart data."
+MULTIPART_HELP = ("the upload is not valid multipart/form-data: send the image as the form field 'file'; a part "
+                  "header over the parser's limit (a file name of thousands of characters, say) or a broken "
+                  "boundary also give this")
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    if exc.status_code == 400 and exc.detail == _STARLETTE_MULTIPART_ERROR:
+        exc = StarletteHTTPException(400, MULTIPART_HELP, headers=exc.headers)
+    return await http_exception_handler(request, exc)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
