@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -50,6 +51,7 @@ def run(args) -> int:
     from ..export.bundle import load_bundle
     from .throughput import machine
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of the benchmark's own
     if args.concurrency < 1 or args.max_batch_size < 1 or (args.requests is not None and args.requests < 1):
         raise ValueError("--concurrency, --max-batch-size and --requests must be positive")
     bundle = load_bundle(args.bundle)

@@ -7,8 +7,9 @@ Phases, each on a fresh `diffad serve` subprocess (so that its peak memory is th
    (`--timeout-s`): goodput (answers 200 per second), 429 and 504 counts and their latencies, images the
    backend computed that nobody received (from diffad_batch_size), and the server's peak resident memory;
 3. large images: `--large-concurrency` clients sending a `--large-side` px PNG with its full-size map;
-4. SIGTERM under load: arrivals at 1x; the server gets SIGTERM halfway; answered (200), refused (503)
-   and lost (connection errors) requests are counted while it drains.
+4. SIGTERM under load: arrivals at 1x; the server gets SIGTERM halfway and the clients stop sending when
+   its grace ends (a load balancer that watched /readyz has gone by then); answered (200), refused (503)
+   and lost (connection errors) requests are counted.
 
 Client and server share the machine: compare the phases with each other, not with another machine.
 
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import io
 import json
+import logging
 import signal
 import sys
 import time
@@ -53,6 +55,7 @@ def run(args) -> int:
     from ..export.bundle import load_bundle
     from .throughput import machine
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of the benchmark's own
     multiples = [float(m) for m in args.multiples.split(",") if m.strip()]
     if (args.seconds <= 0 or args.concurrency < 1 or not multiples or min(multiples) <= 0
             or args.large_side < 1 or args.large_concurrency < 1):
@@ -87,7 +90,8 @@ def run(args) -> int:
     phases["large_images"] = {"side": args.large_side, "png_bytes": len(large), "concurrency": args.large_concurrency,
                               **result}
     with server() as s:
-        phases["sigterm"] = asyncio.run(open_loop(s, payload, rate, args.seconds, sigterm_after_s=args.seconds / 2))
+        phases["sigterm"] = asyncio.run(open_loop(s, payload, rate, args.seconds, sigterm_after_s=args.seconds / 2,
+                                                  stop_sending_after_s=args.seconds / 2 + args.drain_grace_s))
     out = {"benchmark": "overload", "model": bundle.name, "bundle": str(args.bundle), "backend": args.backend,
            "input": [bundle.input.channels, bundle.input.size, bundle.input.size],
            "server": {"request_timeout_s": args.timeout_s, "max_queue_size": args.max_queue_size,
@@ -114,7 +118,7 @@ def large_png(side: int, channels: int) -> bytes:
 
 
 async def open_loop(server: ServerProcess, payload: bytes, rate: float, seconds: float,
-                    sigterm_after_s: float | None = None) -> dict:
+                    sigterm_after_s: float | None = None, stop_sending_after_s: float | None = None) -> dict:
     """Requests sent at `rate` per second for `seconds` regardless of answers (as a line camera sends them)."""
     import httpx
 
@@ -136,9 +140,11 @@ async def open_loop(server: ServerProcess, payload: bytes, rate: float, seconds:
             latencies[str(response.status_code)].append(time.perf_counter() - started)
 
         tasks, started, sent = [], time.perf_counter(), 0
-        signalled = False
-        while (now := time.perf_counter() - started) < seconds:
+        signalled, peak = False, None
+        end = min(seconds, stop_sending_after_s or seconds)
+        while (now := time.perf_counter() - started) < end:
             if sigterm_after_s is not None and not signalled and now >= sigterm_after_s:
+                peak = server.peak_rss_mib()  # read while the process still exists
                 server.process.send_signal(signal.SIGTERM)
                 signalled = True
             while sent < rate * now:
@@ -148,7 +154,7 @@ async def open_loop(server: ServerProcess, payload: bytes, rate: float, seconds:
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - started
         after = None if sigterm_after_s is not None else await batch_size_sum_count(client)
-    peak = server.peak_rss_mib()
+    peak = server.peak_rss_mib() if not signalled else peak
     result = {"offered_img_s": round(rate, 2), "sent": sent, "seconds": round(elapsed, 3),
               "statuses": dict(statuses), "goodput_img_s": round(statuses["200"] / elapsed, 2),
               "latency_ms": {status: percentiles_ms(values) for status, values in sorted(latencies.items())},
