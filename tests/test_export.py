@@ -265,7 +265,8 @@ def _point_onnx_at(path, name):
     (lambda b: (b / "bundle.json").unlink(), r"bundle\.json is missing"),
     (lambda b: _drop_field(b / "bundle.json", "top_k"), r"bundle\.json lacks required fields: top_k"),
     (lambda b: _add_file_entry(b / "bundle.json", "../outside.txt"), r"lists a file outside the bundle: '\.\./outside"),
-    (lambda b: _add_file_entry(b / "bundle.json", "/etc/hostname"), r"lists a file outside the bundle: '/etc/hostname'"),
+    (lambda b: _add_file_entry(b / "bundle.json", "/etc/hostname"),
+     r"lists a file outside the bundle: '/etc/hostname'"),
     (lambda b: _point_onnx_at(b / "bundle.json", "../model.onnx"), r"lists a file outside the bundle"),
 ], ids=["corrupted-onnx", "missing-weights", "other-schema", "no-bundle-json", "missing-field", "file-above",
         "absolute-file", "onnx-above"])

@@ -8,9 +8,9 @@ import pytest
 from diffad.models.metrics import (
     aupro,
     compute_metrics,
-    per_defect_type,
     f1_max,
     image_auroc,
+    per_defect_type,
     pixel_ap,
     pixel_auroc,
     threshold_from_f1,

@@ -838,4 +838,5 @@ def test_backend_info_names_what_serves_and_a_loud_fallback(bundle_dir, monkeypa
     monkeypatch.setattr(backends, "TensorRTBackend", broken_engine)
     fallen = metric_samples(asyncio.run(scenario()), "diffad_backend_info")
     assert [dict(k)["fallback"] for k in fallen] == ["true"]
-    assert "FALLBACK: the TensorRT engine x.plan failed to load: RuntimeError: engine built for another GPU" in caplog.text
+    assert ("FALLBACK: the TensorRT engine x.plan failed to load: RuntimeError: engine built for another GPU"
+            in caplog.text)

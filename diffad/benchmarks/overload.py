@@ -177,7 +177,7 @@ def summary_line(result: dict) -> str:
 def markdown_table(record: dict) -> str:
     """The README's overload table: one row per phase."""
     lines = ["| phase | offered img/s | goodput img/s | 200 | 429 | 504 | 503 | lost | 429 p50 / p95 ms "
-             "| 200 p95 ms | computed, unanswered | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| 200 p95 ms | computed, unanswered | peak RSS MiB |", "|" + "---|" * 12]
     for name, phase in record["phases"].items():
         s = phase.get("statuses", {})
         lat = phase.get("latency_ms", {})

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, HTTPException, Request

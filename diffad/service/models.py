@@ -180,7 +180,8 @@ class ModelRegistry:
     async def _reopen(self, model: ModelRuntime, first_delay_s: float | None) -> None:
         tries = 0
         while not self.draining:
-            delay = RETRY_BACKOFF_S[min(tries, len(RETRY_BACKOFF_S) - 1)] if first_delay_s is None or tries else first_delay_s
+            backoff = RETRY_BACKOFF_S[min(tries, len(RETRY_BACKOFF_S) - 1)]
+            delay = first_delay_s if first_delay_s is not None and tries == 0 else backoff
             log.info("model %s: opening it again in %g s", model.name, delay)
             await asyncio.sleep(delay)
             if self.draining:
