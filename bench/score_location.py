@@ -1,0 +1,67 @@
+"""Where does a model's image score come from? A diagnosis, never a way to choose anything.
+
+For each test image: the share of the top-k map values (those the image score averages) that lie on the
+background (outside the estimated foreground), in a 3 px band along the part's outline, or inside the part,
+for good and for defective images; and the image AUROC the score would have over the foreground only, or
+inside it only. It reads test labels, so its figures explain a result; they must not pick a setting
+(choose on the validation set: `diffad train` does).
+
+    python bench/score_location.py runs/bench/mvtec3d_tire_small_seed0 ../shared/datasets/mvtec3d_tire
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+from diffad.models import checkpoint as ckpt
+from diffad.models.data import find_test_samples, read_image
+from diffad.models.evaluation import predict
+from diffad.models.synthesis import estimate_foreground
+
+
+def top_k_mean(values: np.ndarray, k: int) -> float:
+    return float(np.sort(values)[-k:].mean()) if values.size else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    parser.add_argument("data_dir")
+    args = parser.parse_args()
+
+    model = ckpt.load_model(args.run_dir)
+    cfg, k = model.config, model.config.top_k
+    samples = find_test_samples(args.data_dir)
+    images = np.stack([read_image(s.path, cfg.image_size, cfg.in_channels) for s in samples])
+    labels = np.array([s.label for s in samples])
+    maps, scores = predict(model, images, progress=False)
+    part = np.stack([estimate_foreground(im) for im in images])
+    band = np.stack([p ^ ndimage.binary_erosion(p, iterations=3) for p in part])
+
+    shares = {"background": [], "outline band": [], "inside": []}
+    for amap, p, b in zip(maps, part, band, strict=True):
+        top = np.argsort(amap.ravel())[-k:]
+        p, b = p.ravel()[top], b.ravel()[top]
+        shares["background"].append((~p).mean())
+        shares["outline band"].append(b.mean())
+        shares["inside"].append((p & ~b).mean())
+    out = {"run": args.run_dir, "top_k": k, "images": len(samples),
+           "top_k_share": {where: {"good": float(np.mean(np.array(v)[labels == 0])),
+                                   "defective": float(np.mean(np.array(v)[labels == 1]))}
+                           for where, v in shares.items()},
+           "image_auroc": {
+               "score (top-k over the whole map)": float(roc_auc_score(labels, scores)),
+               "top-k over the foreground": float(roc_auc_score(
+                   labels, [top_k_mean(m[p], k) for m, p in zip(maps, part, strict=True)])),
+               "top-k inside the part (no outline band)": float(roc_auc_score(
+                   labels, [top_k_mean(m[p & ~b], k) for m, p, b in zip(maps, part, band, strict=True)]))}}
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
