@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffad.benchmarks.throughput import machine
+from diffad.benchmarks.throughput import emit, machine
 from diffad.models import checkpoint as ckpt
 from diffad.models.data import find_train_images, read_images
 from diffad.models.training import _train_config_from_dict, split_validation, validate
@@ -57,11 +57,7 @@ def main() -> None:
            "map_relative_rms_difference": rms(map16, map32),
            "validation_fp32": fp32, "validation_bf16": bf16,
            "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "machine": machine()}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffad.benchmarks.throughput import machine
+from diffad.benchmarks.throughput import emit, machine
 from diffad.models import checkpoint as ckpt
 from diffad.models.data import find_train_images, read_images
 from diffad.models.synthesis import estimate_foreground, parse_sources
@@ -58,11 +58,7 @@ def main() -> None:
     out = {"data_dir": str(args.data_dir), "sets": results,
            "run_sources": {str(run): saved["train"]["synthesis"]["sources"] for run, saved in configs},
            "machine": machine()}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..export.bundle import load_bundle
-    from .throughput import machine
+    from .throughput import emit, machine
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of the benchmark's own
     if args.concurrency < 1 or args.max_batch_size < 1 or (args.requests is not None and args.requests < 1):
@@ -76,10 +76,7 @@ def run(args) -> int:
         "machine": machine(), "runs": runs, "bare_backend": bare,
         "batching_speedup": round(batching / plain, 3) if plain else None,
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(out, args.json)
     return 0
 
 

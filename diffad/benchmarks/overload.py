@@ -27,7 +27,6 @@ import signal
 import sys
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import numpy as np
 
@@ -53,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..export.bundle import load_bundle
-    from .throughput import machine
+    from .throughput import emit, machine
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of the benchmark's own
     multiples = [float(m) for m in args.multiples.split(",") if m.strip()]
@@ -97,11 +96,8 @@ def run(args) -> int:
            "server": {"request_timeout_s": args.timeout_s, "max_queue_size": args.max_queue_size,
                       "max_batch_size": args.max_batch_size, "drain_grace_s": args.drain_grace_s},
            "seconds_per_phase": args.seconds, "capacity_img_s": rate, "phases": phases, "machine": machine()}
-    text = json.dumps(out, indent=2)
     print(markdown_table(out), file=sys.stderr)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(out, args.json)
     return 0
 
 

@@ -294,7 +294,7 @@ def run(args) -> int:
     from ..models.data import find_test_samples
     from ..models.evaluation import evaluate_run
     from ..models.synthesis import SynthesisConfig, parse_sources
-    from .throughput import machine
+    from .throughput import emit, machine
 
     if (args.max_minutes <= 0 or (args.max_steps is not None and args.max_steps < 1) or args.batch_size < 1
             or (args.image_size is not None and args.image_size < 1)):
@@ -384,9 +384,6 @@ def run(args) -> int:
     table = markdown_table(records)
     out = {"benchmark": "quality", "command": command, "files": files, "skipped": skipped, "results": records,
            "summary": summarize(records), "table": table}
-    text = json.dumps(out, indent=2)
     print(table, file=sys.stderr)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(out, args.json)
     return 0

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import logging
 import os
 import shlex
@@ -363,7 +362,7 @@ def run(args) -> int:
     import torch
 
     from ..models.presets import count_parameters
-    from .throughput import machine
+    from .throughput import emit, machine
 
     batches = sorted(set(args.batch))
     if min(batches) < 1 or args.recon_batch < 1 or min(args.ddim_steps) < 1:
@@ -416,11 +415,7 @@ def run(args) -> int:
                                             png_bytes(uint8[defective]), args.threads, max(batches))
     finally:
         source.close()
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+    emit(out, args.json)
     return 0
 
 

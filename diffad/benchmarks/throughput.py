@@ -235,11 +235,17 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_torch(args.preset, args.batch, args.device, args.precision, args.seconds,
                              not args.no_cuda_graphs, args.channels)
     result = {"benchmark": "throughput", "machine": machine(), **result}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(result, args.json)
     return 0
+
+
+def emit(record: dict, json_path: str | Path | None) -> None:
+    """A benchmark's result: printed as one JSON object, and written to json_path too when given."""
+    text = json.dumps(record, indent=2)
+    print(text)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(text + "\n")
 
 
 if __name__ == "__main__":
