@@ -29,7 +29,7 @@ from .batcher import BatcherClosedError, QueueFullError
 from .deps import API_KEY_HEADER, api_key_accepted
 from .metrics import MODEL_STATE_KEY, UNKNOWN_MODEL, ServiceMetrics
 from .models import ModelRegistry
-from .routes import ADMISSION_STATE_KEY, CLIENT_CLOSED_REQUEST, STATIC_DIR, api_router, public_router
+from .routes import ADMISSION_STATE_KEY, CLIENT_CLOSED_REQUEST, STATIC_DIR, api_router, public_router, queue_full_detail
 from .settings import Settings
 
 log = logging.getLogger("diffad.service")
@@ -148,8 +148,7 @@ class AdmissionMiddleware:
 
     def _runtime(self, scope: Scope):
         names = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("model")
-        models = self.registry.models
-        runtime = models.get(names[0]) if names else (next(iter(models.values())) if len(models) == 1 else None)
+        runtime = self.registry.find(names[0] if names else None)
         if runtime is None or not runtime.ready or runtime.batcher is None or self.registry.draining:
             return None
         if self.settings.api_keys:
@@ -171,8 +170,7 @@ class AdmissionMiddleware:
             admission = runtime.batcher.admit()
         except (QueueFullError, BatcherClosedError) as e:
             full = isinstance(e, QueueFullError)
-            detail = (f"model {runtime.name} is at its queue limit ({self.settings.max_queue_size})" if full
-                      else "the service is shutting down")
+            detail = queue_full_detail(runtime, self.settings) if full else "the service is shutting down"
             headers = {"Retry-After": str(e.retry_after_s) if full else "1"}
             if await _discard_small_body(scope, receive):
                 # A client still sending would read a reset, not the answer: a small body is read and

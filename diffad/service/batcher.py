@@ -77,6 +77,13 @@ class _Pending:
 _STOP = object()
 
 
+def _fail(items: list[_Pending], error: Exception) -> None:
+    """Answer with `error` every request of items not answered (or cancelled) already."""
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+
 class Admission:
     """A place held in a model's queue for a request being read and decoded; given back once the request
     is queued (or fails first). Releasing twice is harmless."""
@@ -149,9 +156,7 @@ class DynamicBatcher:
             return
         log.error("model %s: the batcher's worker died; failing the %d request(s) it held and starting a new one",
                   self.model, len(self._held), exc_info=worker.exception())
-        for item in self._held:
-            if not item.future.done():
-                item.future.set_exception(InferenceError("internal error while batching"))
+        _fail(self._held, InferenceError("internal error while batching"))
         self._held, self._forming = [], 0
         if self._accepting:
             self.worker_restarts += 1
@@ -196,9 +201,7 @@ class DynamicBatcher:
             log.warning("model %s: queue not drained in %.0f s; cancelling what is left", self.model, timeout_s)
             self._worker.cancel()
             error = BatcherClosedError("the service shut down before this request ran")
-            for item in self._held:  # the batch being formed or run is answered too, not left to its deadline
-                if not item.future.done():
-                    item.future.set_exception(error)
+            _fail(self._held, error)  # the batch being formed or run is answered too, not left to its deadline
             self._fail_queued(error)
 
     # --- the worker --------------------------------------------------------------------------------
@@ -233,9 +236,7 @@ class DynamicBatcher:
                 await self._run(batch)
             except Exception:  # a bug here must not stop the model: fail this batch, keep serving
                 log.exception("model %s: batch of %d failed outside the backend", self.model, len(batch))
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(InferenceError("internal error while batching"))
+                _fail(batch, InferenceError("internal error while batching"))
             self._held = []
 
     def _live(self, batch: list[_Pending]) -> list[_Pending]:
@@ -267,9 +268,7 @@ class DynamicBatcher:
             maps, scores = await loop.run_in_executor(self.executor, self._call_backend, images)
         except Exception as e:
             log.exception("model %s: inference failed on a batch of %d", self.model, len(live))
-            for item in live:
-                if not item.future.done():
-                    item.future.set_exception(InferenceError(f"inference failed: {type(e).__name__}"))
+            _fail(live, InferenceError(f"inference failed: {type(e).__name__}"))
             self._report(False)
             return
         self._report(True)

@@ -99,6 +99,13 @@ class ModelRegistry:
             metrics.model_ready.labels(bundle.name).set(0)
         self.draining = False
 
+    def find(self, name: str | None) -> ModelRuntime | None:
+        """The model a request names, or the only one when it names none; None when there is no such model
+        or the choice is ambiguous."""
+        if name is None:
+            return next(iter(self.models.values())) if len(self.models) == 1 else None
+        return self.models.get(name)
+
     @property
     def ready(self) -> bool:
         """At least one model serves (and the service is not shutting down): a load balancer may send work."""
@@ -134,7 +141,7 @@ class ModelRegistry:
                 raise
             limit = backend.max_batch_size
             batch_size = min(settings.max_batch_size, limit) if limit else settings.max_batch_size
-            await loop.run_in_executor(model.executor, self._warm_up, model.name, model.bundle, backend, batch_size)
+            await loop.run_in_executor(model.executor, self._warm_up, model, backend, batch_size)
         except Exception as e:
             if backend is not None:
                 await self._close_backend(model, backend)
@@ -200,13 +207,13 @@ class ModelRegistry:
             log.exception("model %s: closing its backend failed", model.name)
 
     @staticmethod
-    def _warm_up(name: str, bundle: Bundle, backend: Backend, batch_size: int) -> None:
-        spec = bundle.input
+    def _warm_up(model: ModelRuntime, backend: Backend, batch_size: int) -> None:
+        spec = model.bundle.input
         for size in sorted({1, batch_size}):
             images = np.zeros((size, spec.channels, spec.size, spec.size), dtype=np.uint8)
             maps, scores = backend(images)
             if maps.shape != (size, 1, spec.size, spec.size) or scores.shape != (size,):
-                raise BundleError(f"model {name}: the backend answered shapes {maps.shape}, {scores.shape} "
+                raise BundleError(f"model {model.name}: the backend answered shapes {maps.shape}, {scores.shape} "
                                   f"for a batch of {size} ({spec.channels}x{spec.size}x{spec.size})")
 
     def begin_drain(self) -> None:

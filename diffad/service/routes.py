@@ -18,6 +18,7 @@ from .images import ImageError, check_content_type, decode_image, encode_map_png
 from .metrics import MODEL_STATE_KEY
 from .models import ModelRegistry, ModelRuntime
 from .schemas import InspectResponse, Liveness, ModelInfo, ModelList, Timings
+from .settings import Settings
 
 STATIC_DIR = Path(__file__).parent / "static"
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away first"; only ever seen in metrics
@@ -84,15 +85,17 @@ async def list_models(registry: RegistryDep) -> ModelList:
 
 
 def resolve_model(registry: ModelRegistry, name: str | None) -> ModelRuntime:
-    if name is None:
-        if len(registry.models) == 1:
-            return next(iter(registry.models.values()))
+    runtime = registry.find(name)
+    if runtime is None and name is None:
         raise HTTPException(422, f"several models are loaded ({', '.join(sorted(registry.models))}): "
                                  "choose one with ?model=")
-    runtime = registry.models.get(name)
     if runtime is None:
         raise HTTPException(404, f"unknown model {name[:64]!r}; loaded: {', '.join(sorted(registry.models))}")
     return runtime
+
+
+def queue_full_detail(runtime: ModelRuntime, settings: Settings) -> str:
+    return f"model {runtime.name} is at its queue limit ({settings.max_queue_size})"
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -175,7 +178,7 @@ async def inspect(
     except ImageError as e:
         raise HTTPException(e.status_code, e.detail) from None
     except QueueFullError as e:
-        raise HTTPException(429, f"model {runtime.name} is at its queue limit ({settings.max_queue_size})",
+        raise HTTPException(429, queue_full_detail(runtime, settings),
                             headers={"Retry-After": str(e.retry_after_s)}) from None
     except RequestTimeoutError:
         raise HTTPException(504, f"no answer within {settings.request_timeout_s:g} s") from None
