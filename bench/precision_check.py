@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +59,7 @@ def main() -> None:
            "map_relative_rms_difference": rms(map16, map32),
            "validation_fp32": fp32, "validation_bf16": bf16,
            "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "machine": machine()}
-    emit(out, args.json)
+    emit({"command": shlex.join(["python", *sys.argv]), **out}, args.json)
 
 
 if __name__ == "__main__":

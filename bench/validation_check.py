@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +60,7 @@ def main() -> None:
     out = {"data_dir": str(args.data_dir), "sets": results,
            "run_sources": {str(run): saved["train"]["synthesis"]["sources"] for run, saved in configs},
            "machine": machine()}
-    emit(out, args.json)
+    emit({"command": shlex.join(["python", *sys.argv]), **out}, args.json)
 
 
 if __name__ == "__main__":

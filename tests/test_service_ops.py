@@ -393,7 +393,9 @@ def test_bench_load_reports_batching_and_bare_backend(bundle_dir, tmp_path, caps
 
 def test_bench_overload_counts_every_request_and_loses_none_on_sigterm(bundle_dir, tmp_path, capsys):
     out = tmp_path / "overload.json"
+    # a generous deadline: on a loaded machine a 600 px upload must still be answered, not time out
     assert main(["bench", "overload", str(bundle_dir), "--seconds", "1.5", "--concurrency", "4", "--multiples", "2",
+                 "--timeout-s", "30",
                  "--threads", "1", "--large-side", "600", "--large-concurrency", "2", "--drain-grace-s", "3",
                  "--json", str(out)]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -91,7 +91,8 @@ def run(args) -> int:
     with server() as s:
         phases["sigterm"] = asyncio.run(open_loop(s, payload, rate, args.seconds, sigterm_after_s=args.seconds / 2,
                                                   stop_sending_after_s=args.seconds / 2 + args.drain_grace_s))
-    out = {"benchmark": "overload", "model": bundle.name, "bundle": str(args.bundle), "backend": args.backend,
+    out = {"benchmark": "overload", "command": getattr(args, "command", None), "model": bundle.name,
+           "bundle": str(args.bundle), "backend": args.backend,
            "input": [bundle.input.channels, bundle.input.size, bundle.input.size],
            "server": {"request_timeout_s": args.timeout_s, "max_queue_size": args.max_queue_size,
                       "max_batch_size": args.max_batch_size, "drain_grace_s": args.drain_grace_s},
