@@ -27,7 +27,14 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY deploy/requirements/ deploy/requirements/
 COPY deploy/verify_image.py deploy/verify_image.py
+# The package's folders (pyproject.toml's package-dir; tests/test_deploy.py checks the two lists agree)
 COPY diffad/ diffad/
+COPY models/ models/
+COPY training/ training/
+COPY evaluation/ evaluation/
+COPY export/ export/
+COPY service/ service/
+COPY bench/*.py bench/
 RUN /opt/diffad/bin/pip install -c deploy/requirements/serve-cpu.txt ".[serve]" \
  && /opt/diffad/bin/python deploy/verify_image.py --backend onnxruntime
 
@@ -74,7 +81,14 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY deploy/requirements/ deploy/requirements/
 COPY deploy/verify_image.py deploy/verify_image.py
+# The package's folders (pyproject.toml's package-dir; tests/test_deploy.py checks the two lists agree)
 COPY diffad/ diffad/
+COPY models/ models/
+COPY training/ training/
+COPY evaluation/ evaluation/
+COPY export/ export/
+COPY service/ service/
+COPY bench/*.py bench/
 # The serve extra brings the CPU onnxruntime and the gpu extra onnxruntime-gpu; both install into the same
 # `onnxruntime` package folder, so the CPU one is removed and the GPU one reinstalled over a clean folder.
 # tensorrt-cu12-libs is a stub on PyPI that fetches its wheel from NVIDIA's index: name that index directly.

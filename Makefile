@@ -16,11 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	$(BIN)/ruff check diffad tests
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check diffad tests
+	$(BIN)/ruff check .
 
 # Deployment checks (see deploy/README.md): promtool, shellcheck and two
 # npm linters where they can be installed (apt-get as root, npm); missing ones only warn.
@@ -60,7 +60,7 @@ demo: $(DEMO_BUNDLE)/bundle.json
 $(DEMO_DATA)/sample_defect.png: | $(VENV)/.installed
 	@echo "demo: 1/4 generating a synthetic category in $(DEMO_DATA)"
 	rm -rf $(DEMO_DATA)
-	$(BIN)/python -m diffad.models.demo_data $(DEMO_DATA)/weave --samples $(DEMO_DATA)
+	$(BIN)/python -m diffad.training.demo_data $(DEMO_DATA)/weave --samples $(DEMO_DATA)
 
 $(DEMO_RUN)/calibration.json: $(DEMO_DATA)/sample_defect.png
 	@echo "demo: 2/4 training the small preset for $(DEMO_STEPS) steps (about 2 minutes on 2 cores)"

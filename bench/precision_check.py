@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from diffad.benchmarks.throughput import emit, machine
 from diffad.models import checkpoint as ckpt
-from diffad.models.data import find_train_images, read_images
-from diffad.models.training import _train_config_from_dict, split_validation, validate
+from diffad.training.data import find_train_images, read_images
+from diffad.training.trainer import _train_config_from_dict, split_validation, validate
 
 
 def main() -> None:

@@ -15,13 +15,12 @@ import argparse
 import json
 
 import numpy as np
+from diffad.evaluation.evaluate import predict
+from diffad.models import checkpoint as ckpt
+from diffad.training.data import find_test_samples, read_image
+from diffad.training.synthesis import estimate_foreground
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
-
-from diffad.models import checkpoint as ckpt
-from diffad.models.data import find_test_samples, read_image
-from diffad.models.evaluation import predict
-from diffad.models.synthesis import estimate_foreground
 
 
 def top_k_mean(values: np.ndarray, k: int) -> float:

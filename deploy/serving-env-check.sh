@@ -2,7 +2,7 @@
 # The cpu image's Python environment, built outside Docker exactly as the Dockerfile's cpu-build stage does,
 # then checked and served (run by .ci/run and `make deploy-check`; no Docker needed):
 #
-#   1. copy the files the Dockerfile copies (pyproject.toml, README.md, diffad/, deploy/requirements/,
+#   1. copy the files the Dockerfile copies (pyproject.toml, README.md, the package's folders, deploy/requirements/,
 #      deploy/verify_image.py) into a scratch folder, as the build context would hold them;
 #   2. a fresh virtual environment, then the Dockerfile's own command:
 #      pip install -c deploy/requirements/serve-cpu.txt ".[serve]"   (a wheel install, not editable);
@@ -22,7 +22,12 @@ trap 'rm -rf "$work"' EXIT
 echo "serving-env-check: build context and virtual environment in $work ($("$PYTHON" --version 2>&1))"
 mkdir -p "$work/src/deploy"
 cp pyproject.toml README.md "$work/src/"
-cp -r diffad "$work/src/diffad"
+# The package's folders, as pyproject.toml maps them (diffad/, models/, ..., bench/ without its results).
+folders=$(sed -n '/^\[tool.setuptools.package-dir\]/,/^\[/s/^"[^"]*" = "\([^"]*\)"$/\1/p' pyproject.toml)
+for folder in $folders; do
+    cp -r "$folder" "$work/src/$folder"
+done
+rm -rf "$work/src/bench/results"
 cp -r deploy/requirements "$work/src/deploy/requirements"
 cp deploy/verify_image.py "$work/src/deploy/verify_image.py"
 find "$work/src" -name __pycache__ -prune -exec rm -rf {} +

@@ -292,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     import dataclasses
 
-    from .models.synthesis import SynthesisConfig, parse_sources
-    from .models.training import LEARNING_RATES, TrainConfig, crop_setting, train, training_device
+    from .training.synthesis import SynthesisConfig, parse_sources
+    from .training.trainer import LEARNING_RATES, TrainConfig, crop_setting, train, training_device
 
     if args.max_steps is None and args.max_minutes is None:
         raise ValueError("give a budget: --max-steps, --max-minutes or both")
@@ -317,7 +317,7 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .models.evaluation import evaluate_run
+    from .evaluation.evaluate import evaluate_run
 
     result = evaluate_run(args.model, args.data_dir, args.json, args.batch_size, args.calibration, args.quantile)
     print(json.dumps(result, indent=2))

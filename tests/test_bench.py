@@ -19,18 +19,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffad.benchmarks.quality import METRICS, markdown_table
+from diffad.benchmarks.speed import ModelSource, descendants, markdown_tables, proc_memory, stratified
+from diffad.evaluation.evaluate import pipeline, predict, reconstruction_method
+from diffad.export import exporter
+from diffad.models import checkpoint as ckpt
+from diffad.models.presets import count_gmac
+from diffad.training.data import TestSample as Sample
+from diffad.training.demo_data import make_category
 from test_service import make_tiny_bundle
 from tiny_models import perturbed_tiny_model
 
-from diffad.benchmarks.quality import METRICS, markdown_table
-from diffad.benchmarks.speed import ModelSource, descendants, markdown_tables, proc_memory, stratified
 from diffad.cli import main
-from diffad.export import exporter
-from diffad.models import checkpoint as ckpt
-from diffad.models.data import TestSample as Sample
-from diffad.models.demo_data import make_category
-from diffad.models.evaluation import pipeline, predict, reconstruction_method
-from diffad.models.presets import count_gmac
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST_SPEED = ["--limit", "4", "--recon-batch", "8", "--ddim-steps", "2", "5", "--seconds", "0.05",
@@ -300,7 +300,7 @@ def test_bench_quality_writes_records_the_readme_table_renders(category, tmp_pat
 
 
 def test_bench_quality_seeds_resume_and_summarize(category, tmp_path, capsys, caplog, monkeypatch):
-    from diffad.models import training
+    from diffad.training import trainer as training
 
     caplog.set_level(logging.INFO, logger="diffad.bench.quality")
     real_train, trained = training.train, []

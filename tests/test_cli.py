@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
+from diffad.training.demo_data import make_category
 
 from diffad.cli import main
-from diffad.models.demo_data import make_category
 
 
 def test_help_lists_the_verbs():

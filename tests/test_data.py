@@ -2,9 +2,7 @@
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from diffad.models.data import (
+from diffad.training.data import (
     DataError,
     detect_channels,
     find_test_samples,
@@ -13,7 +11,8 @@ from diffad.models.data import (
     read_image,
     read_mask,
 )
-from diffad.models.demo_data import make_category
+from diffad.training.demo_data import make_category
+from PIL import Image
 
 
 @pytest.fixture

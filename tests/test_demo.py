@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from diffad.training.data import find_train_images
+from diffad.training.demo_data import DEFECT_TYPES, main
 from PIL import Image
-
-from diffad.models.data import find_train_images
-from diffad.models.demo_data import DEFECT_TYPES, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +39,7 @@ def test_make_demo_generates_trains_evaluates_exports_then_serves(tmp_path):
     dry = subprocess.run(["make", "-n", "-B", "demo", "PORT=8123", "VENV=" + str(tmp_path / "venv")],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
-    steps = ["-m diffad.models.demo_data runs/demo-data/weave --samples runs/demo-data",
+    steps = ["-m diffad.training.demo_data runs/demo-data/weave --samples runs/demo-data",
              "diffad train runs/demo-data/weave --out runs/demo --preset small --max-steps 100",
              "diffad evaluate runs/demo runs/demo-data/weave",
              "diffad export runs/demo --out bundles/demo --overwrite",

@@ -465,6 +465,16 @@ def test_dockerfile_default_target_is_gpu_and_installs_no_torch():
     assert not re.search(r"\btorch\b", re.sub(r"#.*", "", text).replace("PyTorch", ""))
 
 
+def test_dockerfile_copies_every_package_folder():
+    """The image installs the package from the folders it copies: each one pyproject.toml maps must be there."""
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    _, stages, _ = dockerfile_stages()
+    for name in ("cpu-build", "gpu-build"):
+        copied = {rest.split()[0].split("/")[0] for word, rest in stages[name] if word == "COPY"}
+        assert folders <= copied, f"{name} does not copy {sorted(folders - copied)}"
+
+
 def dockerignore_allows(path: str, patterns: list[str]) -> bool:
     """Docker's rule: the last matching pattern wins; a pattern matching a folder covers what is in it."""
 
@@ -506,15 +516,16 @@ def test_dockerignore_passes_what_the_dockerfile_copies_and_nothing_heavy():
                 sources += args[:-1]
     assert sources
     for source in sources:
-        path = ROOT / source
-        assert path.exists(), f"COPY {source}: no such file"
-        files = [path] if path.is_file() else [
-            p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        paths = sorted(ROOT.glob(source))
+        assert paths, f"COPY {source}: no such file"
+        files = [f for path in paths for f in ([path] if path.is_file() else path.rglob("*"))
+                 if f.is_file() and "__pycache__" not in f.parts]
         for f in files:
             rel = f.relative_to(ROOT).as_posix()
             assert dockerignore_allows(rel, patterns), f".dockerignore drops {rel}, which the Dockerfile copies"
     for heavy in (".venv/bin/python", "runs/x/model.safetensors", "bundles/x/model.onnx", ".git/HEAD",
-                  "tests/test_deploy.py", "diffad/__pycache__/cli.cpython-311.pyc", "bench/results/x.json"):
+                  "tests/test_deploy.py", "diffad/__pycache__/cli.cpython-311.pyc", "bench/results/x.json",
+                  "service/__pycache__/app.cpython-311.pyc"):
         assert not dockerignore_allows(heavy, patterns), f"{heavy} would be sent to the Docker daemon"
 
 
@@ -980,10 +991,10 @@ def tiny_bundle(tmp_path_factory) -> Path:
     """A tiny untrained model, calibrated by hand, exported like `diffad export` does (needs torch)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("diffad.service.app")
+    from diffad.evaluation.evaluate import CALIBRATION_FILE, Calibration
     from diffad.export.exporter import export_bundle
     from diffad.models import checkpoint as ckpt
     from diffad.models.diffusionad import DiffusionAD
-    from diffad.models.evaluation import CALIBRATION_FILE, Calibration
     from diffad.models.presets import preset
 
     torch.manual_seed(0)

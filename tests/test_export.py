@@ -19,10 +19,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
-from tiny_models import perturbed_tiny_model
-
-from diffad.cli import main
+from diffad.evaluation.evaluate import CALIBRATION_FILE, Calibration
 from diffad.export import exporter
 from diffad.export.bundle import (
     REQUIRED_FIELDS,
@@ -57,7 +54,10 @@ from diffad.export.tensorrt_engine import (
     tensorrt_vs_onnx,
 )
 from diffad.models import checkpoint as ckpt
-from diffad.models.evaluation import CALIBRATION_FILE, Calibration
+from onnx import numpy_helper
+from tiny_models import perturbed_tiny_model
+
+from diffad.cli import main
 
 CALIBRATION = Calibration(threshold=0.42, method="f1", score_min=0.1, score_max=0.9, num_images=12)
 TRAIN_SUMMARY = {"preset": "tiny", "steps": 3, "train_seconds": 1.5}

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from diffad.models.metrics import (
+from diffad.evaluation.metrics import (
     aupro,
     compute_metrics,
     f1_max,

@@ -4,10 +4,9 @@ import json
 
 import pytest
 import torch
-from torch import nn
-
 from diffad.models.diffusionad import DiffusionAD, ModelConfig
 from diffad.models.presets import count_parameters, describe, preset, top_k_for
+from torch import nn
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-
 from diffad.models.schedule import LinearNoiseSchedule, ScheduleConfig
 
 SCHED = LinearNoiseSchedule(ScheduleConfig())

@@ -20,20 +20,19 @@ import zlib
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
-from tiny_models import perturbed_tiny_model
-
+from diffad.evaluation.evaluate import CALIBRATION_FILE, Calibration
 from diffad.export.bundle import BundleError, load_bundle, seal_bundle
 from diffad.export.exporter import export_bundle
 from diffad.export.parity import onnxruntime_runner
 from diffad.models import checkpoint as ckpt
-from diffad.models.data import to_mode
-from diffad.models.evaluation import CALIBRATION_FILE, Calibration
 from diffad.service.app import create_app
 from diffad.service.backends import open_backend
 from diffad.service.images import decode_image
 from diffad.service.settings import Settings
+from diffad.training.data import to_mode
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from tiny_models import perturbed_tiny_model
 
 SIZE = 32
 CALIBRATION = Calibration(threshold=0.42, method="f1", score_min=0.1, score_max=0.9, num_images=12)

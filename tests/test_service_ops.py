@@ -20,17 +20,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from pydantic import ValidationError
-from test_service import encode, make_tiny_bundle, noise_image
-
 from diffad.benchmarks.load import free_port
-from diffad.cli import main
 from diffad.export import tensorrt_engine as te
 from diffad.export.bundle import load_bundle, sha256_file
 from diffad.export.parity import ONNX_TOLERANCE, TENSORRT_TOLERANCES, onnxruntime_runner, parity_images
 from diffad.service.backends import BackendUnavailable, TensorRTBackend, find_engine, open_backend
 from diffad.service.settings import Settings, load_settings
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+from test_service import encode, make_tiny_bundle, noise_image
+
+from diffad.cli import main
 
 TENSORRT_MISSING = te.missing_for_tensorrt()
 GPU = te.GpuInfo("NVIDIA H100 80GB HBM3", "9.0")

@@ -1,4 +1,4 @@
-"""Tests for the synthetic anomaly generator (diffad.models.synthesis)."""
+"""Tests for the synthetic anomaly generator (diffad.training.synthesis)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,7 @@ import pickle
 
 import numpy as np
 import pytest
-from PIL import Image
-from scipy import ndimage
-
-from diffad.models.synthesis import (
+from diffad.training.synthesis import (
     AnomalySynthesizer,
     SynthesisConfig,
     blur_source,
@@ -22,6 +19,8 @@ from diffad.models.synthesis import (
     shade_source,
     smudge_source,
 )
+from PIL import Image
+from scipy import ndimage
 
 SIZE = 64
 

@@ -6,13 +6,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
+from diffad.evaluation.evaluate import evaluate_run, load_calibration
 from diffad.models import checkpoint as ckpt
-from diffad.models.demo_data import make_category
 from diffad.models.diffusionad import DiffusionAD
-from diffad.models.evaluation import evaluate_run, load_calibration
 from diffad.models.presets import preset
-from diffad.models.training import TrainConfig, budget_progress, focal_loss, lr_factor, make_optimizer, train
+from diffad.training.demo_data import make_category
+from diffad.training.trainer import TrainConfig, budget_progress, focal_loss, lr_factor, make_optimizer, train
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1_max")
 
@@ -182,7 +181,7 @@ def test_time_budget_stops_training(category, tmp_path):
 
 # --- precision, crops, averaging, BatchNorm, validation ------------------------------------------------
 def test_precision_follows_the_capability_check(monkeypatch):
-    from diffad.models import training
+    from diffad.training import trainer as training
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(training, "native_bf16", lambda device: False)
@@ -197,14 +196,14 @@ def test_precision_follows_the_capability_check(monkeypatch):
 
 
 def test_native_bf16_asks_onednn_on_the_cpu(monkeypatch):
-    from diffad.models import training
+    from diffad.training import trainer as training
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     assert training.native_bf16(torch.device("cpu")) is False
 
 
 def test_training_log_and_summary_name_the_precision(category, tmp_path, monkeypatch):
-    from diffad.models import training
+    from diffad.training import trainer as training
 
     monkeypatch.setattr(training, "native_bf16", lambda device: False)
     summary = train(category, tmp_path / "run", "tiny", train_config=tiny_config(max_steps=2), progress=False)
@@ -214,8 +213,8 @@ def test_training_log_and_summary_name_the_precision(category, tmp_path, monkeyp
 
 
 def test_crops_cut_image_mask_and_foreground_together():
-    from diffad.models.synthesis import AnomalySynthesizer, SynthesisConfig
-    from diffad.models.training import SyntheticAnomalyDataset
+    from diffad.training.synthesis import AnomalySynthesizer, SynthesisConfig
+    from diffad.training.trainer import SyntheticAnomalyDataset
 
     rng = np.random.default_rng(0)
     images = rng.random((3, 32, 32, 1)).astype(np.float32)
@@ -251,7 +250,7 @@ def test_crop_training_runs_and_infers_on_the_whole_image(category, tmp_path):
 
 
 def test_ema_averages_parameters_and_copies_buffers():
-    from diffad.models.training import EMA
+    from diffad.training.trainer import EMA
 
     model = DiffusionAD(preset("tiny", in_channels=1))
     ema = EMA(model, decay=0.9)
@@ -272,7 +271,7 @@ def test_ema_averages_parameters_and_copies_buffers():
 
 
 def test_batchnorm_reestimation_makes_eval_mode_match_the_good_images():
-    from diffad.models.training import reestimate_batchnorm
+    from diffad.training.trainer import reestimate_batchnorm
 
     model = perturbed_model()
     images = np.random.default_rng(0).random((8, 32, 32, 1)).astype(np.float32)
@@ -297,8 +296,8 @@ def perturbed_model() -> DiffusionAD:
 
 
 def test_validation_set_is_fixed_and_labelled(category):
-    from diffad.models.synthesis import SynthesisConfig
-    from diffad.models.training import holdout_split, make_validation_set
+    from diffad.training.synthesis import SynthesisConfig
+    from diffad.training.trainer import holdout_split, make_validation_set
 
     good = np.random.default_rng(1).random((5, 32, 32, 1)).astype(np.float32)
     a = make_validation_set(good, None, SynthesisConfig(foreground="none"), "test")
@@ -331,7 +330,7 @@ def test_training_keeps_the_best_validated_model(category, tmp_path):
 
 
 def test_standardization_is_measured_on_the_training_images(category, tmp_path):
-    from diffad.models.data import find_train_images, read_images
+    from diffad.training.data import find_train_images, read_images
 
     train(category, tmp_path / "run", "tiny", train_config=tiny_config(max_steps=1), progress=False)
     model = ckpt.load_model(tmp_path / "run")
@@ -356,7 +355,7 @@ def test_threshold_from_held_out_images_when_there_is_no_validation_folder(tmp_p
 
 
 def test_crop_setting_defaults_by_preset():
-    from diffad.models.training import CROPS, crop_setting
+    from diffad.training.trainer import CROPS, crop_setting
 
     assert crop_setting("small", None, None) == CROPS["small"]
     assert crop_setting("small", 0, None) == (None, 1)         # --crop 0: whole images
@@ -367,8 +366,8 @@ def test_crop_setting_defaults_by_preset():
 
 @pytest.mark.parametrize("defect, expected", [("one pixel", 0.0), ("large region", "smoothed")])
 def test_map_smoothing_is_chosen_on_the_validation_set(monkeypatch, defect, expected):
-    from diffad.models import training
-    from diffad.models.training import ValidationSet, select_map_sigma
+    from diffad.training import trainer as training
+    from diffad.training.trainer import ValidationSet, select_map_sigma
 
     n, size = 6, 32
     masks, raw = np.zeros((2 * n, size, size), np.float32), np.zeros((2 * n, size, size), np.float32)

@@ -14,11 +14,10 @@ import shutil
 
 import numpy as np
 import pytest
+from diffad.benchmarks.load import ServerProcess
+from diffad.training.demo_data import add_defect, good_texture
 from PIL import Image
 from test_service import make_tiny_bundle
-
-from diffad.benchmarks.load import ServerProcess
-from diffad.models.demo_data import add_defect, good_texture
 
 CHROMIUM = next(filter(None, (os.environ.get("DIFFAD_CHROMIUM"), shutil.which("chromium"),
                               shutil.which("chromium-browser"))), None)

@@ -1,10 +1,9 @@
 """A tiny model whose maps are not trivial, shared by the tests that export or serve one."""
 
 import torch
-from torch import nn
-
 from diffad.models.diffusionad import DiffusionAD
 from diffad.models.presets import preset
+from torch import nn
 
 
 def perturbed_tiny_model(channels: int = 3, seed: int = 0) -> DiffusionAD:

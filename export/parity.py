@@ -45,10 +45,10 @@ TENSORRT_TOLERANCES = {"fp32": Tolerance(map=1e-3, score=1e-4), "fp16": Toleranc
 def parity_images(size: int, channels: int, count: int = 8, seed: int = 0) -> np.ndarray:
     """Deterministic test images at the model's size, uint8 NCHW: half good texture, half with a defect.
 
-    Generated in code (diffad.models.demo_data), so a parity check needs no dataset; defects make the
+    Generated in code (diffad.training.demo_data), so a parity check needs no dataset; defects make the
     maps non-trivial where random noise would saturate them.
     """
-    from ..models.demo_data import DEFECT_TYPES, add_defect, good_texture
+    from ..training.demo_data import DEFECT_TYPES, add_defect, good_texture
 
     rng = np.random.default_rng(seed)
     images = []

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from .data import find_test_samples, find_validation_images, read_image, read_mask
-from .diffusionad import DiffusionAD
+from ..models import checkpoint as ckpt
+from ..models.diffusionad import DiffusionAD
+from ..training.data import find_test_samples, find_validation_images, read_image, read_mask
 from .metrics import compute_metrics, per_defect_type, threshold_from_f1, threshold_from_quantile
 
 log = logging.getLogger("diffad.evaluate")

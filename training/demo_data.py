@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m diffad.models.demo_data",
+        prog="python -m diffad.training.demo_data",
         description="Write a synthetic woven-texture category in MVTec AD layout (train/good, test/good, "
         f"test/<defect>, ground_truth/<defect>; defects: {', '.join(DEFECT_TYPES)}), for `make demo` and for "
         "trying the project without a dataset.")

@@ -24,8 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
+from ..evaluation.evaluate import load_calibration
 from ..models import checkpoint as ckpt
-from ..models.evaluation import load_calibration
 from .bundle import (
     INPUT_DTYPES,
     ONNX_FILE,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..models.data import to_mode  # numpy and Pillow only: no torch on the serving path
+from ..training.data import to_mode  # numpy and Pillow only: no torch on the serving path
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 ACCEPTED_CONTENT_TYPES = frozenset({
@@ -87,7 +87,7 @@ def decode_image(data: bytes, size: int, channels: int, max_pixels: int) -> Deco
         converted = to_mode(oriented, channels)  # the training's own conversion: 16-bit, palette, alpha, CMYK
     except ValueError as e:  # a mode Pillow cannot convert (LAB to L, say)
         raise ImageError(415, f"unsupported pixel mode {oriented.mode}: {str(e)[:200]}") from e
-    resized = converted.resize((size, size), Image.Resampling.BILINEAR)  # as in training (models/data.py)
+    resized = converted.resize((size, size), Image.Resampling.BILINEAR)  # as in training (training/data.py)
     array = np.asarray(resized, dtype=np.uint8)
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return DecodedImage(np.ascontiguousarray(array), width, height, fmt, oriented.size)

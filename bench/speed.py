@@ -126,7 +126,7 @@ class ModelSource:
 
 def load_test_images(data_dir: str | Path, size: int, channels: int, limit: int | None):
     """(samples used, images [N, H, W, C] float32 0..1, masks [N, H, W], labels [N], total test images)."""
-    from ..models.data import find_test_samples, read_image, read_mask
+    from ..training.data import find_test_samples, read_image, read_mask
 
     samples = find_test_samples(data_dir)
     chosen = stratified(samples, limit)
@@ -151,8 +151,8 @@ def compare_reconstructions(model, images: np.ndarray, masks: np.ndarray, labels
                             ddim_steps: list[int], min_seconds: float) -> dict:
     import torch
 
-    from ..models.evaluation import pipeline, predict, reconstruction_method
-    from ..models.metrics import compute_metrics
+    from ..evaluation.evaluate import pipeline, predict, reconstruction_method
+    from ..evaluation.metrics import compute_metrics
     from .throughput import time_batches
 
     cfg = model.config

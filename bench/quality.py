@@ -290,10 +290,10 @@ def _read_result(path: Path) -> dict:
 def run(args) -> int:
     import dataclasses
 
-    from ..models import training
-    from ..models.data import find_test_samples
-    from ..models.evaluation import evaluate_run
-    from ..models.synthesis import SynthesisConfig, parse_sources
+    from ..evaluation.evaluate import evaluate_run
+    from ..training import trainer
+    from ..training.data import find_test_samples
+    from ..training.synthesis import SynthesisConfig, parse_sources
     from .throughput import emit, machine
 
     if (args.max_minutes <= 0 or (args.max_steps is not None and args.max_steps < 1) or args.batch_size < 1
@@ -306,7 +306,7 @@ def run(args) -> int:
     variant = f"{args.preset}_{args.image_size}px" if args.image_size else args.preset
     if setting:
         variant += f"_{setting}"
-    device = training.training_device(args.device)
+    device = trainer.training_device(args.device)
     out_dir, runs_dir = Path(args.out_dir), Path(args.runs_dir)
     datasets = [Path(d) for d in args.datasets]
     names = [d.resolve().name for d in datasets]
@@ -324,9 +324,9 @@ def run(args) -> int:
 
     command = command_line(args)
     details = machine()
-    unet_lr, seg_lr = training.LEARNING_RATES[args.preset]
-    crop, crops_per_image = training.crop_setting(args.preset, args.crop, args.crops_per_image)
-    cfg = training.TrainConfig(batch_size=args.batch_size, unet_lr=unet_lr, segmentation_lr=seg_lr,
+    unet_lr, seg_lr = trainer.LEARNING_RATES[args.preset]
+    crop, crops_per_image = trainer.crop_setting(args.preset, args.crop, args.crops_per_image)
+    cfg = trainer.TrainConfig(batch_size=args.batch_size, unet_lr=unet_lr, segmentation_lr=seg_lr,
                                max_steps=args.max_steps, max_minutes=args.max_minutes, seed=seeds[0],
                                workers=args.workers, lr_schedule=args.lr_schedule, device=device,
                                crop=crop, crops_per_image=crops_per_image, precision=args.precision,
@@ -358,7 +358,7 @@ def run(args) -> int:
             shutil.rmtree(run_dir)
         log.info("%s seed %d: training the %s preset for at most %g min%s into %s", name, seed, args.preset,
                  args.max_minutes, f" / {args.max_steps} steps" if args.max_steps else "", run_dir)
-        summary = training.train(dataset, run_dir, args.preset, image_size=args.image_size,
+        summary = trainer.train(dataset, run_dir, args.preset, image_size=args.image_size,
                                  train_config=dataclasses.replace(cfg, seed=seed))
         log.info("%s seed %d: evaluating on %s", name, seed, dataset / "test")
         evaluation = evaluate_run(run_dir, dataset, run_dir / "eval.json", args.batch_size)

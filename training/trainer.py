@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
+from ..evaluation.evaluate import predict
+from ..evaluation.metrics import image_auroc, pixel_ap, pixel_auroc
+from ..models import checkpoint as ckpt
+from ..models.diffusionad import DiffusionAD, ModelConfig, gaussian_kernel, smooth_map
+from ..models.presets import describe, preset
+from ..models.schedule import clamp
 from .data import detect_channels, find_train_images, find_validation_images, read_images
-from .diffusionad import DiffusionAD, ModelConfig, gaussian_kernel, smooth_map
-from .evaluation import predict
-from .metrics import image_auroc, pixel_ap, pixel_auroc
-from .presets import describe, preset
-from .schedule import clamp
 from .synthesis import AnomalySynthesizer, SynthesisConfig, estimate_foreground
 
 log = logging.getLogger("diffad.train")

@@ -1,1 +1,0 @@
-"""Benchmarks behind `diffad bench`: throughput of the backends, load on the service."""
