@@ -42,7 +42,8 @@ clean:
 # calibrates the threshold) and exported. Every step is a file target, so a second `make demo` serves at
 # once; `make demo-clean` starts over.
 PORT ?= 8000
-HOST ?= 0.0.0.0
+# 127.0.0.1, as the service itself defaults: `HOST=0.0.0.0 make demo` lets other machines reach it.
+HOST ?= 127.0.0.1
 DEMO_STEPS ?= 100
 DEMO_DATA := runs/demo-data
 DEMO_RUN := runs/demo
@@ -50,7 +51,8 @@ DEMO_BUNDLE := bundles/demo
 
 demo: $(DEMO_BUNDLE)/bundle.json
 	@echo
-	@echo "demo: serving $(DEMO_BUNDLE) on port $(PORT) (Ctrl-C stops it). Once it logs 'model demo ready':"
+	@echo "demo: serving $(DEMO_BUNDLE) on $(HOST):$(PORT) (Ctrl-C stops it). When the log below says the"
+	@echo "  model is ready (after its warm-up), or GET /readyz answers 200:"
 	@echo "  web page:  http://localhost:$(PORT)/"
 	@echo "  try it:    curl -F file=@$(DEMO_DATA)/sample_defect.png 'http://localhost:$(PORT)/inspect?map=none'"
 	@echo "             curl -F file=@$(DEMO_DATA)/sample_good.png 'http://localhost:$(PORT)/inspect?map=none'"

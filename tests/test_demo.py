@@ -43,9 +43,11 @@ def test_make_demo_generates_trains_evaluates_exports_then_serves(tmp_path):
              "diffad train runs/demo-data/weave --out runs/demo --preset small --max-steps 100",
              "diffad evaluate runs/demo runs/demo-data/weave",
              "diffad export runs/demo --out bundles/demo --overwrite",
-             "diffad serve bundles/demo --host 0.0.0.0 --port 8123"]
+             "diffad serve bundles/demo --host 127.0.0.1 --port 8123"]
     text = " ".join(dry.stdout.replace("\\\n", " ").split())
     positions = [text.find(step) for step in steps]
     assert -1 not in positions and positions == sorted(positions), dry.stdout
     assert "--max-minutes" not in text  # a step budget, not a time budget: the model does not depend on speed
+    # the hint must not print the service's readiness line itself: a script waiting for it would fire at once
+    assert "model demo ready" not in text
     assert "curl -F file=@runs/demo-data/sample_defect.png 'http://localhost:8123/inspect?map=none'" in text
