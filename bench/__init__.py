@@ -4,4 +4,5 @@ quality.py, speed.py, load.py, overload.py   `diffad bench quality | speed | loa
 throughput.py       backend throughput (python -m diffad.benchmarks.throughput) and shared helpers
 render_results.py   the README's results tables from results/*.json
 validation_check.py, precision_check.py, score_location.py   analyses of trained runs (see each docstring)
+reload_check.py     a model reload under load: every answer's status and version
 """

@@ -209,6 +209,8 @@ def _add_service_verbs(verbs) -> None:
                    "(default 5)")
     p.add_argument("--engine-cache", metavar="DIR", help="TensorRT engines built by `diffad engines`")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), help="default info")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="text (default) or json: one JSON object per line with the request id, status and latencies")
 
     p = verbs.add_parser("engines", help="build TensorRT engines for this GPU into an engine cache",
                          description="Build, for this machine's GPU, the TensorRT engine each bundle lacks, "
@@ -370,7 +372,8 @@ def _serve(args) -> int:
 
     flags = {name: getattr(args, name) for name in (
         "host", "port", "backend", "max_batch_size", "max_queue_delay_ms", "max_queue_size", "request_timeout_s",
-        "max_upload_bytes", "max_image_pixels", "threads", "drain_grace_s", "engine_cache", "log_level")}
+        "max_upload_bytes", "max_image_pixels", "threads", "drain_grace_s", "engine_cache", "log_level",
+        "log_format")}
     settings = load_settings(models=args.bundles or None, **flags)
     serve(settings)
     return 0

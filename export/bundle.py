@@ -98,6 +98,12 @@ class Bundle:
         return self.path / self.manifest["onnx"]["file"]
 
     @property
+    def version(self) -> str:
+        """The bundle's identity beside its name: the first 12 hex digits of model.onnx's SHA-256 (from
+        bundle.json), so a new export of other weights is a new version and a copy is the same one."""
+        return str(self.manifest.get("files", {}).get(self.manifest["onnx"]["file"], ""))[:12] or "unversioned"
+
+    @property
     def calibrated(self) -> bool:
         return self.normalization is not None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from urllib.parse import parse_qs
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
+from opentelemetry import trace
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,16 +29,28 @@ from .. import __version__
 from .backends import BackendFactory
 from .batcher import BatcherClosedError, QueueFullError
 from .deps import API_KEY_HEADER, api_key_accepted
+from .logs import NO_REQUEST, REQUEST_ID_HEADER, REQUEST_ID_STATE_KEY, accepted_request_id, request_id
 from .metrics import MODEL_STATE_KEY, UNKNOWN_MODEL, ServiceMetrics
 from .models import ModelRegistry
-from .routes import ADMISSION_STATE_KEY, CLIENT_CLOSED_REQUEST, STATIC_DIR, api_router, public_router, queue_full_detail
+from .routes import (
+    ADMISSION_STATE_KEY,
+    CLIENT_CLOSED_REQUEST,
+    STATIC_DIR,
+    TIMINGS_STATE_KEY,
+    api_router,
+    public_router,
+    queue_full_detail,
+)
 from .settings import Settings
+from .v2 import v2_public_router, v2_router
 
 log = logging.getLogger("diffad.service")
 access_log = logging.getLogger("diffad.access")
 
 # Multipart framing (boundaries, part headers) on top of the file itself.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+BATCH_PATH = "/inspect/batch"
+INSPECT_PATHS = ("/inspect", BATCH_PATH)  # admitted before their body is read; counted in requests_total
 
 
 def create_app(settings: Settings, backend_factory: BackendFactory | None = None) -> FastAPI:
@@ -47,16 +61,23 @@ def create_app(settings: Settings, backend_factory: BackendFactory | None = None
     docs = not settings.api_keys  # with API keys, no unauthenticated schema or docs either
     app = FastAPI(title="diffad inspection service", version=__version__, lifespan=_lifespan,
                   description="DiffusionAD visual anomaly detection: POST an image to /inspect.",
-                  docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
+                  docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None,
+                  # FastAPI's own OpenTelemetry: a server span per request (continuing a caller's traceparent)
+                  # into the provider configure_tracing installs from OTEL_*; never exporters of its own.
+                  telemetry={"auto_configure": False, "exclude": _untraced})
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.registry = registry
     app.state.web_page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
     app.include_router(public_router)
     app.include_router(api_router)
+    app.include_router(v2_public_router)
+    app.include_router(v2_router)
     app.add_exception_handler(Exception, _internal_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+                       batch_max_bytes=settings.max_files_per_request * (settings.max_upload_bytes
+                                                                         + MULTIPART_OVERHEAD_BYTES))
     app.add_middleware(AdmissionMiddleware, registry=registry, settings=settings)  # before the body is read
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)  # added last: outermost, sees every answer
     return app
@@ -93,8 +114,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.error("unhandled error on %s %s", request.method, _printable(request.url.path), exc_info=exc)
-    return JSONResponse({"detail": "internal server error"}, status_code=500)
+    # Outside ObservabilityMiddleware (Starlette's outermost layer answers here): the id comes from the scope.
+    rid = request.scope.get("state", {}).get(REQUEST_ID_STATE_KEY, NO_REQUEST)
+    log.error("unhandled error on %s %s", request.method, _printable(request.url.path), exc_info=exc,
+              extra={"request_id": rid})
+    return JSONResponse({"detail": "internal server error", "request_id": rid}, status_code=500,
+                        headers={REQUEST_ID_HEADER: rid})
 
 
 def _printable(text: str, limit: int = 200) -> str:
@@ -104,18 +129,21 @@ def _printable(text: str, limit: int = 200) -> str:
 
 
 class BodySizeLimitMiddleware:
-    """413 for a body over max_bytes: at once from Content-Length, else while it streams in."""
+    """413 for a body over max_bytes (batch_max_bytes for POST /inspect/batch): at once from Content-Length,
+    else while it streams in."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, batch_max_bytes: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.batch_max_bytes = batch_max_bytes or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        detail = f"request body larger than {self.max_bytes} bytes"
+        max_bytes = self.batch_max_bytes if scope.get("path") == BATCH_PATH else self.max_bytes
+        detail = f"request body larger than {max_bytes} bytes"
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+            if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
                 response = JSONResponse({"detail": detail}, status_code=413, headers={"Connection": "close"})
                 return await response(scope, receive, send)
         received = 0
@@ -125,7 +153,7 @@ class BodySizeLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > max_bytes:
                     raise HTTPException(413, detail)  # FastAPI re-raises it from body parsing: a JSON 413
             return message
 
@@ -133,8 +161,9 @@ class BodySizeLimitMiddleware:
 
 
 class AdmissionMiddleware:
-    """429 for POST /inspect before a byte of its body is read, when the model's queue is full counting the
-    requests still being read and decoded; otherwise the request holds a place until it is queued.
+    """429 for POST /inspect (and /inspect/batch) before a byte of its body is read, when the model's queue is
+    full counting the requests still being read and decoded; otherwise the request holds a place until it is
+    queued (a batch's first file takes it; each further file takes its own place or gets its own 429).
 
     FastAPI reads and parses a multipart body before the route (and its dependencies) run: refusing there
     would cost the upload's transfer and parsing, nearly what serving it costs. What this cannot judge (an
@@ -159,7 +188,7 @@ class AdmissionMiddleware:
         return runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") != "/inspect" or scope.get("method") != "POST":
+        if scope["type"] != "http" or scope.get("path") not in INSPECT_PATHS or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         runtime = self._runtime(scope)
         if runtime is None:
@@ -207,7 +236,11 @@ async def _discard_small_body(scope: Scope, receive: Receive) -> bool:
 
 
 class ObservabilityMiddleware:
-    """Access log (escaped) for every request; diffad_requests_total for every answer of /inspect."""
+    """Outermost, so it sees every answer: the request id, the access log line and diffad_requests_total.
+
+    The id (the client's X-Request-ID when plausible, else a new one) is set for every log line written while
+    the request is handled, sent back as X-Request-ID, and added as request_id to every JSON error body.
+    """
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics):
         self.app = app
@@ -217,27 +250,103 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
+        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
+        rid = accepted_request_id(given)
+        state = scope.setdefault("state", {})
+        state[REQUEST_ID_STATE_KEY] = rid
+        token = request_id.set(rid)
+        server_span = trace.get_current_span()  # FastAPI's own server span, when traces are on
         status = CLIENT_CLOSED_REQUEST  # until a response starts
+        held_start: Message | None = None  # an error's start, held until its body has the request id
+        held_body: list[bytes] = []
 
         async def send_and_record(message: Message) -> None:
-            nonlocal status
+            nonlocal status, held_start
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if server_span.is_recording() and MODEL_STATE_KEY in state:  # FastAPI ends it with the answer
+                    server_span.set_attribute("diffad.model", state[MODEL_STATE_KEY])
+                message = {**message, "headers": _with_header(message.get("headers", []), b"x-request-id",
+                                                              rid.encode("latin-1"))}
+                if status >= 400 and (_header(message["headers"], b"content-type") or b"").startswith(
+                        b"application/json"):
+                    held_start = message
+                    return
+            elif message["type"] == "http.response.body" and held_start is not None:
+                held_body.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                body = _with_request_id(b"".join(held_body), rid)
+                start, held_start = held_start, None
+                await send({**start, "headers": _with_header(start["headers"], b"content-length",
+                                                             str(len(body)).encode())})
+                message = {"type": "http.response.body", "body": body}
             await send(message)
 
+        path, model = scope.get("path", ""), None
+        if server_span.is_recording():
+            server_span.set_attribute("diffad.request_id", rid)
         try:
             await self.app(scope, receive, send_and_record)
         except Exception:
             status = 500
             raise
         finally:
-            path = scope.get("path", "")
-            if path == "/inspect":
-                model = scope.get("state", {}).get(MODEL_STATE_KEY, UNKNOWN_MODEL)
-                self.metrics.requests.labels(model, str(status)).inc()
+            model = state.get(MODEL_STATE_KEY)
+            if _counted(path):
+                self.metrics.requests.labels(model or UNKNOWN_MODEL, str(status)).inc()
             if access_log.isEnabledFor(logging.INFO):
-                client = scope.get("client") or ("-", 0)
-                query = scope.get("query_string", b"").decode("latin-1")
-                access_log.info('%s "%s %s%s" %d %.1fms', client[0], scope.get("method", "-"), _printable(path),
-                                "?" + _printable(query) if query else "", status,
-                                (time.perf_counter() - started) * 1e3)
+                _log_access(scope, status, (time.perf_counter() - started) * 1e3, model,
+                            state.get(TIMINGS_STATE_KEY))
+            request_id.reset(token)
+
+
+# Probes and scrapes are not traced: a span every few seconds per instance says nothing.
+UNTRACED_PATHS = frozenset({"/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+
+
+def _untraced(scope) -> bool:
+    return scope.get("path") in UNTRACED_PATHS
+
+
+def _counted(path: str) -> bool:
+    """The inference requests that diffad_requests_total counts: /inspect, /inspect/batch and v2 infer."""
+    return path in INSPECT_PATHS or (path.startswith("/v2/models/") and path.endswith("/infer"))
+
+
+def _log_access(scope: Scope, status: int, duration_ms: float, model: str | None, timings: dict | None) -> None:
+    """One line per request; in JSON logs its parts are keys of their own (method, path, status, latencies)."""
+    client = (scope.get("client") or ("-", 0))[0]
+    method, path = scope.get("method", "-"), _printable(scope.get("path", ""))
+    query = _printable(scope.get("query_string", b"").decode("latin-1"))
+    fields = {"client": client, "method": method, "path": path, "query": query, "status": status,
+              "duration_ms": round(duration_ms, 3)}
+    text = f'{client} "{method} {path}{"?" + query if query else ""}" {status} {duration_ms:.1f}ms'
+    if model is not None:
+        fields["model"] = model
+        text += f" model={model}"
+    if timings:
+        fields.update(timings)
+        text += (f" batch={timings['batch_size']} queue={timings['queue_ms']:.1f}ms"
+                 f" inference={timings['inference_ms']:.1f}ms")
+    access_log.info("%s", text, extra=fields)
+
+
+def _header(headers, name: bytes) -> bytes | None:
+    return next((v for k, v in headers if k.lower() == name), None)
+
+
+def _with_header(headers, name: bytes, value: bytes) -> list:
+    return [(k, v) for k, v in headers if k.lower() != name] + [(name, value)]
+
+
+def _with_request_id(body: bytes, rid: str) -> bytes:
+    """A JSON error body with request_id added (a body that is not a JSON object is left as it is)."""
+    try:
+        content = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(content, dict):
+        return body
+    content.setdefault("request_id", rid)
+    return json.dumps(content, separators=(",", ":")).encode()

@@ -31,8 +31,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext
 
 from .metrics import ServiceMetrics
+from .tracing import current_span_context, record_batch
 
 log = logging.getLogger("diffad.service")
 
@@ -72,6 +74,8 @@ class _Pending:
     future: asyncio.Future
     enqueued_at: float
     deadline: float
+    span_context: SpanContext = INVALID_SPAN_CONTEXT  # the request's span, when traced
+    enqueued_ns: int = 0  # wall clock, for the queue-wait span
 
 
 _STOP = object()
@@ -172,7 +176,8 @@ class DynamicBatcher:
         now = time.monotonic()
         if now >= deadline:
             raise RequestTimeoutError("the request timed out before it was queued")
-        pending = _Pending(image, asyncio.get_running_loop().create_future(), now, deadline)
+        pending = _Pending(image, asyncio.get_running_loop().create_future(), now, deadline,
+                           current_span_context(), time.time_ns())
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
@@ -261,7 +266,7 @@ class DynamicBatcher:
         live = self._live(batch)
         if not live:
             return
-        started = time.monotonic()
+        started, started_ns = time.monotonic(), time.time_ns()
         images = [item.image for item in live]
         loop = asyncio.get_running_loop()
         try:
@@ -273,6 +278,8 @@ class DynamicBatcher:
             return
         self._report(True)
         elapsed = time.monotonic() - started
+        record_batch(self.model, [(item.span_context, item.enqueued_ns) for item in live], started_ns,
+                     time.time_ns())
         self._recent_batch_s.append(elapsed)
         self._seconds_per_batch = elapsed if not self._seconds_per_batch else (
             0.8 * self._seconds_per_batch + 0.2 * elapsed)

@@ -60,6 +60,11 @@ class ServiceMetrics:
             ["model"], registry=r)
         self.model_ready = Gauge("diffad_model_ready", "1 once the model is loaded and warmed up, else 0",
                                  ["model"], registry=r)
+        self.model_info = Gauge("diffad_model_info", "1 for the version serving the model (the first 12 hex "
+                                "digits of its ONNX file's SHA-256)", ["model", "version"], registry=r)
+        self._versions: dict[str, str] = {}
+        self.reloads = Counter("diffad_model_reloads", "POST /models/{name}/reload, by result (reloaded, "
+                               "unchanged, failed)", ["model", "result"], registry=r)
 
     def set_backend(self, model: str, backend: str, device: str, precision: str, fallback: str | None) -> None:
         """diffad_backend_info: 1 for what serves the model now (a reopened model's old series removed)."""
@@ -69,6 +74,14 @@ class ServiceMetrics:
         labels = (model, backend, device, precision, "true" if fallback else "false")
         self.backend_info.labels(*labels).set(1)
         self._backend_labels.add(labels)
+
+    def set_version(self, model: str, version: str) -> None:
+        """diffad_model_info: 1 for the version serving the model now; the version it replaced is removed."""
+        previous = self._versions.get(model)
+        if previous is not None and previous != version:
+            self.model_info.remove(model, previous)
+        self.model_info.labels(model, version).set(1)
+        self._versions[model] = version
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

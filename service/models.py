@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -54,6 +54,7 @@ class ModelRuntime:
     consecutive_failures: int = 0
     attempts: int = 0  # tries to open the backend so far
     reopening: asyncio.Task | None = None
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one reload at a time per model
 
     @property
     def name(self) -> str:
@@ -71,11 +72,24 @@ class ModelRuntime:
 
     def info(self) -> dict:
         spec = self.bundle.input
-        return {"name": self.name, "input_size": spec.size, "channels": spec.channels,
+        return {"name": self.name, "version": self.bundle.version, "input_size": spec.size, "channels": spec.channels,
                 "threshold": self.bundle.threshold, "calibrated": self.bundle.calibrated,
                 "backend": self.backend.name if self.backend is not None and self.ready else None,
                 "max_batch_size": self.batcher.max_batch_size if self.batcher is not None else None,
                 "state": self.state}
+
+
+class ReloadError(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def _close_quietly(backend: Backend) -> None:
+    try:
+        backend.close()
+    except Exception:
+        log.exception("closing a backend failed")
 
 
 class ModelRegistry:
@@ -160,12 +174,88 @@ class ModelRegistry:
         else:  # a reopened model: the same queue, the new backend
             model.batcher.run_batch = backend
         model.state = READY
-        self.metrics.model_ready.labels(model.name).set(1)
-        self.metrics.set_backend(model.name, backend.name, getattr(backend, "device", "unknown"),
-                                 getattr(backend, "precision", "unknown"), getattr(backend, "fallback", None))
+        self._publish(model, backend)
         log.info("model %s ready: %s, max batch %d, loaded and warmed up in %.1f s", model.name,
                  backend.describe(), model.batcher.max_batch_size, model.warmup_s)
         return True
+
+    def _publish(self, model: ModelRuntime, backend: Backend) -> None:
+        self.metrics.model_ready.labels(model.name).set(1)
+        self.metrics.set_backend(model.name, backend.name, getattr(backend, "device", "unknown"),
+                                 getattr(backend, "precision", "unknown"), getattr(backend, "fallback", None))
+        self.metrics.set_version(model.name, model.bundle.version)
+
+    async def reload(self, name: str) -> dict:
+        """Load the model's bundle folder again and, if it holds a new version, serve it without a restart.
+
+        The new version is loaded, verified and warmed up on its own thread beside the old one, which keeps
+        serving; then requests switch to it at once, and the old version answers what it still holds before
+        its backend is closed. A bundle that fails to load, verify or warm up leaves the old version serving
+        (ReloadError says why). The input (size, channels, type) must stay: decoded requests are in flight.
+        """
+        model = self.models[name]
+        if self.draining:
+            raise ReloadError(503, "the service is shutting down")
+        async with model.reload_lock:
+            loop = asyncio.get_running_loop()
+            previous = model.bundle
+            try:
+                bundle = await loop.run_in_executor(None, load_bundle, previous.path)
+                if bundle.name != name:
+                    raise BundleError(f"{previous.path} now holds model {bundle.name!r}: a reload keeps the model's "
+                                      "name (serve another model with a restart)")
+                if bundle.input != previous.input:
+                    raise BundleError(f"the new version's input ({bundle.input.channels}x{bundle.input.size}, "
+                                      f"{bundle.input.dtype}) differs from the served one's ({previous.input.channels}x"
+                                      f"{previous.input.size}, {previous.input.dtype}): restart to change it")
+            except BundleError as e:
+                raise self._reload_failed(model, str(e)) from None
+            if bundle.version == previous.version and model.ready:
+                self.metrics.reloads.labels(name, "unchanged").inc()
+                return {"model": name, "version": bundle.version, "previous_version": previous.version,
+                        "reloaded": False}
+            started = time.monotonic()
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"diffad-{name}"[:32])
+            backend = None
+            try:
+                backend = await loop.run_in_executor(executor, self.backend_factory, bundle, self.settings)
+                limit = backend.max_batch_size
+                batch_size = min(self.settings.max_batch_size, limit) if limit else self.settings.max_batch_size
+                await loop.run_in_executor(executor, self._warm_up, model, backend, batch_size)
+            except Exception as e:
+                if backend is not None:
+                    await loop.run_in_executor(executor, _close_quietly, backend)
+                executor.shutdown(wait=False)
+                why = f"version {bundle.version} did not open: {type(e).__name__}: {e}"
+                raise self._reload_failed(model, why) from None
+            batcher = DynamicBatcher(name, backend, executor, batch_size, self.settings.max_queue_delay_s,
+                                     self.settings.max_queue_size, self.metrics,
+                                     on_batch=lambda ok, m=model: self._batch_done(m, ok))
+            batcher.start()
+            if model.reopening is not None and not model.reopening.done():
+                model.reopening.cancel()  # the new version replaces a model being reopened
+            old = (model.batcher, model.backend, model.executor)
+            # The switch: one step of the event loop, so every request after it goes to the new version.
+            model.bundle, model.backend, model.batcher, model.executor = bundle, backend, batcher, executor
+            model.state, model.error, model.consecutive_failures = READY, None, 0
+            model.warmup_s = time.monotonic() - started
+            self._publish(model, backend)
+            self.metrics.reloads.labels(name, "reloaded").inc()
+            log.info("model %s: version %s serves now (was %s, which finishes what it holds); warmed up in %.1f s",
+                     name, bundle.version, previous.version, model.warmup_s)
+            old_batcher, old_backend, old_executor = old
+            if old_batcher is not None:
+                await old_batcher.close(self.settings.request_timeout_s)
+            if old_backend is not None:
+                await loop.run_in_executor(old_executor, _close_quietly, old_backend)
+            old_executor.shutdown(wait=False)
+            return {"model": name, "version": bundle.version, "previous_version": previous.version,
+                    "reloaded": True, "warmup_s": round(model.warmup_s, 3)}
+
+    def _reload_failed(self, model: ModelRuntime, why: str) -> ReloadError:
+        self.metrics.reloads.labels(model.name, "failed").inc()
+        log.error("model %s: reload failed, version %s still serves: %s", model.name, model.bundle.version, why)
+        return ReloadError(409, f"reload failed, version {model.bundle.version} still serves: {why}")
 
     def _batch_done(self, model: ModelRuntime, ok: bool) -> None:
         """The batcher's report on each batch: enough failures in a row and the model is opened again."""

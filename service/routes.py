@@ -12,17 +12,36 @@ from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Upl
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from .batcher import BatcherClosedError, InferenceError, InferenceResult, QueueFullError, RequestTimeoutError
+from .batcher import (
+    Admission,
+    BatcherClosedError,
+    InferenceError,
+    InferenceResult,
+    QueueFullError,
+    RequestTimeoutError,
+)
 from .deps import API_KEY_HEADER, MetricsDep, RegistryDep, SettingsDep, api_key_accepted, require_api_key
 from .images import ImageError, check_content_type, decode_image, encode_map_png, map_size
 from .metrics import MODEL_STATE_KEY
-from .models import ModelRegistry, ModelRuntime
-from .schemas import InspectResponse, Liveness, ModelInfo, ModelList, Timings
+from .models import ModelRegistry, ModelRuntime, ReloadError
+from .schemas import (
+    BatchInspectResponse,
+    BatchItem,
+    BatchItemError,
+    InspectResponse,
+    Liveness,
+    ModelInfo,
+    ModelList,
+    ReloadResponse,
+    Timings,
+)
 from .settings import Settings
+from .tracing import tracer
 
 STATIC_DIR = Path(__file__).parent / "static"
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away first"; only ever seen in metrics
 ADMISSION_STATE_KEY = "diffad_admission"  # the place AdmissionMiddleware holds for the request
+TIMINGS_STATE_KEY = "diffad_timings"  # queue and inference time and batch size, for the access log
 
 public_router = APIRouter()
 api_router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -82,6 +101,22 @@ def web_page(request: Request) -> HTMLResponse:
 @api_router.get("/models", response_model=ModelList, tags=["models"], summary="the models served")
 async def list_models(registry: RegistryDep) -> ModelList:
     return ModelList(models=[ModelInfo(**m.info()) for m in registry.models.values()])
+
+
+@api_router.post("/models/{name}/reload", response_model=ReloadResponse, response_model_exclude_unset=True,
+                 tags=["models"], summary="serve the new version of a bundle without a restart",
+                 responses={404: {"description": "unknown model"},
+                            409: {"description": "the new version did not load, verify or warm up: the old serves"},
+                            503: {"description": "shutting down"}})
+async def reload_model(name: str, registry: RegistryDep) -> ReloadResponse:
+    """Load the model's bundle folder again; a new version (another ONNX hash) is verified and warmed up
+    beside the old one, then takes the traffic; the old one finishes what it holds."""
+    if name not in registry.models:
+        raise HTTPException(404, f"unknown model {name[:64]!r}; loaded: {', '.join(sorted(registry.models))}")
+    try:
+        return ReloadResponse(**await registry.reload(name))
+    except ReloadError as e:
+        raise HTTPException(e.status, e.detail) from None
 
 
 def resolve_model(registry: ModelRegistry, name: str | None) -> ModelRuntime:
@@ -151,45 +186,140 @@ async def inspect(
     setattr(request.state, MODEL_STATE_KEY, runtime.name)  # the requests_total label (see app.py)
     admission = getattr(request.state, ADMISSION_STATE_KEY, None)
     try:
-        if registry.draining and admission is None:  # one admitted before the drain is served
-            raise HTTPException(503, "the service is shutting down", headers={"Retry-After": "1"})
-        if not runtime.ready:
-            raise HTTPException(503, f"model {runtime.name} is {runtime.state}", headers={"Retry-After": "5"})
+        _check_serving(registry, runtime, admission)
         deadline = time.monotonic() + settings.request_timeout_s
-        check_content_type(file.content_type)
-        data = await file.read(settings.max_upload_bytes + 1)
-        if len(data) > settings.max_upload_bytes:
-            raise ImageError(413, f"upload larger than {settings.max_upload_bytes} bytes")
-        spec = runtime.bundle.input
-        async with request.app.state.decode_slots:  # bounded: decoding is where memory goes
-            decoded = await run_in_threadpool(decode_image, data, spec.size, spec.channels, settings.max_image_pixels)
+        decoded = await _decode_upload(request, runtime, settings, file)
         result = await _infer_unless_disconnected(request, runtime, decoded.array, deadline, admission)
-        response = _answer(runtime, result, decoded.width, decoded.height, threshold)
-        if map_format == "png":
-            map_width, map_height = map_size(decoded.width, decoded.height, settings.max_map_pixels)
-            async with request.app.state.decode_slots:
-                response["anomaly_map"] = await run_in_threadpool(encode_map_png, result.anomaly_map, map_width,
-                                                                  map_height)
-            response["map_width"], response["map_height"] = map_width, map_height
-        response["timings_ms"] = Timings(queue=round(result.queue_s * 1e3, 3),
-                                         inference=round(result.inference_s * 1e3, 3),
-                                         total=round((time.perf_counter() - started) * 1e3, 3))
-        return InspectResponse(**response)
-    except ImageError as e:
-        raise HTTPException(e.status_code, e.detail) from None
-    except QueueFullError as e:
-        raise HTTPException(429, queue_full_detail(runtime, settings),
-                            headers={"Retry-After": str(e.retry_after_s)}) from None
-    except RequestTimeoutError:
-        raise HTTPException(504, f"no answer within {settings.request_timeout_s:g} s") from None
-    except InferenceError as e:
-        raise HTTPException(500, str(e)) from None
-    except BatcherClosedError:
-        raise HTTPException(503, "the service is shutting down", headers={"Retry-After": "1"}) from None
+        setattr(request.state, TIMINGS_STATE_KEY, {"queue_ms": round(result.queue_s * 1e3, 3),
+                                                   "inference_ms": round(result.inference_s * 1e3, 3),
+                                                   "batch_size": result.batch_size})
+        return InspectResponse(**await _result_body(request, runtime, settings, result, decoded, threshold,
+                                                    map_format, started))
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is listening; the server drops it
+    except Exception as e:
+        http = _http_error(e, runtime, settings)
+        if http is None:
+            raise
+        raise http from None
     finally:
         metrics.request_duration.labels(runtime.name).observe(time.perf_counter() - started)
+
+
+@api_router.post("/inspect/batch", response_model=BatchInspectResponse, response_model_exclude_unset=True,
+                 tags=["inspect"], summary="several images of one part in one request, each scored and mapped",
+                 responses=ERROR_RESPONSES)
+async def inspect_batch(
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    files: Annotated[list[UploadFile], File(description="the images (repeat the field): PNG, JPEG, BMP or TIFF")],
+    model: Annotated[str | None, Query(max_length=256, description="required when several models are loaded")] = None,
+    threshold: Annotated[float | None, Query(ge=0.0, le=1.0, allow_inf_nan=False,
+                                             description="overrides the bundle's; raw scores lie in [0, 1]")] = None,
+    map_format: Annotated[Literal["png", "none"], Query(alias="map", description="png or none")] = "png",
+) -> BatchInspectResponse | Response:
+    """Each file goes through what /inspect does (a place in the queue, decoding and its limits, the dynamic
+    batcher, the deadline) at the same time as the others; the answer lists, in the order sent, each file's
+    result or its error, so one bad file does not fail the rest."""
+    started = time.perf_counter()
+    runtime = resolve_model(registry, model)
+    setattr(request.state, MODEL_STATE_KEY, runtime.name)
+    admission = getattr(request.state, ADMISSION_STATE_KEY, None)
+    try:
+        if len(files) > settings.max_files_per_request:
+            raise HTTPException(413, f"{len(files)} files; at most {settings.max_files_per_request} per request "
+                                     "(DIFFAD_MAX_FILES_PER_REQUEST)")
+        _check_serving(registry, runtime, admission)
+        deadline = time.monotonic() + settings.request_timeout_s
+
+        async def one(index: int, file: UploadFile, place: Admission | None) -> BatchItem:
+            item_started = time.perf_counter()
+            try:
+                place = place or runtime.batcher.admit()  # the first file has the request's place
+                try:
+                    decoded = await _decode_upload(request, runtime, settings, file)
+                    result = await runtime.batcher.infer(decoded.array, deadline, place)
+                finally:
+                    place.release()
+                body = await _result_body(request, runtime, settings, result, decoded, threshold, map_format,
+                                          item_started)
+                return BatchItem(index=index, filename=file.filename, result=InspectResponse(**body))
+            except Exception as e:
+                http = _http_error(e, runtime, settings)
+                if http is None:
+                    raise
+                return BatchItem(index=index, filename=file.filename,
+                                 error=BatchItemError(status=http.status_code, detail=str(http.detail)))
+
+        items = asyncio.ensure_future(asyncio.gather(*(one(i, f, admission if i == 0 else None)
+                                                       for i, f in enumerate(files))))
+        watcher = asyncio.ensure_future(_until_disconnected(request))
+        try:
+            await asyncio.wait({items, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not items.done():
+                items.cancel()
+        if items.cancelled():
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return BatchInspectResponse(model=runtime.name, results=items.result())
+    finally:
+        if admission is not None:
+            admission.release()
+        metrics.request_duration.labels(runtime.name).observe(time.perf_counter() - started)
+
+
+def _check_serving(registry: ModelRegistry, runtime: ModelRuntime, admission: Admission | None) -> None:
+    if registry.draining and admission is None:  # one admitted before the drain is served
+        raise HTTPException(503, "the service is shutting down", headers={"Retry-After": "1"})
+    if not runtime.ready:
+        raise HTTPException(503, f"model {runtime.name} is {runtime.state}", headers={"Retry-After": "5"})
+
+
+async def _decode_upload(request: Request, runtime: ModelRuntime, settings: Settings, file: UploadFile):
+    check_content_type(file.content_type)
+    data = await file.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise ImageError(413, f"upload larger than {settings.max_upload_bytes} bytes")
+    spec = runtime.bundle.input
+    async with request.app.state.decode_slots:  # bounded: decoding is where memory goes
+        with tracer.start_as_current_span("decode", attributes={"diffad.upload_bytes": len(data)}):
+            return await run_in_threadpool(decode_image, data, spec.size, spec.channels, settings.max_image_pixels)
+
+
+async def _result_body(request: Request, runtime: ModelRuntime, settings: Settings, result: InferenceResult,
+                       decoded, threshold: float | None, map_format: str, started: float) -> dict:
+    body = _answer(runtime, result, decoded.width, decoded.height, threshold)
+    if map_format == "png":
+        map_width, map_height = map_size(decoded.width, decoded.height, settings.max_map_pixels)
+        async with request.app.state.decode_slots:
+            with tracer.start_as_current_span("encode map"):
+                body["anomaly_map"] = await run_in_threadpool(encode_map_png, result.anomaly_map, map_width,
+                                                              map_height)
+        body["map_width"], body["map_height"] = map_width, map_height
+    body["timings_ms"] = Timings(queue=round(result.queue_s * 1e3, 3), inference=round(result.inference_s * 1e3, 3),
+                                 total=round((time.perf_counter() - started) * 1e3, 3))
+    return body
+
+
+def _http_error(error: Exception, runtime: ModelRuntime, settings: Settings) -> HTTPException | None:
+    """The answer for what can go wrong with one image; None for anything else (a bug: a 500 and a log)."""
+    if isinstance(error, HTTPException):
+        return error
+    if isinstance(error, ImageError):
+        return HTTPException(error.status_code, error.detail)
+    if isinstance(error, QueueFullError):
+        return HTTPException(429, queue_full_detail(runtime, settings),
+                             headers={"Retry-After": str(error.retry_after_s)})
+    if isinstance(error, RequestTimeoutError):
+        return HTTPException(504, f"no answer within {settings.request_timeout_s:g} s")
+    if isinstance(error, InferenceError):
+        return HTTPException(500, str(error))
+    if isinstance(error, BatcherClosedError):
+        return HTTPException(503, "the service is shutting down", headers={"Retry-After": "1"})
+    return None
 
 
 def _answer(runtime: ModelRuntime, result: InferenceResult, width: int, height: int,
@@ -198,6 +328,7 @@ def _answer(runtime: ModelRuntime, result: InferenceResult, width: int, height: 
     applied = threshold if threshold is not None else bundle.threshold
     return {
         "model": runtime.name,
+        "model_version": bundle.version,
         "image_score": result.score,
         "normalized_score": float(bundle.normalize_score(result.score)) if bundle.calibrated else None,
         "threshold": applied,

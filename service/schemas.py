@@ -13,6 +13,8 @@ class Timings(BaseModel):
 
 class InspectResponse(BaseModel):
     model: str
+    model_version: str = Field(description="the bundle's version: the first 12 hex digits of its ONNX file's "
+                               "SHA-256, as GET /models and the v2 metadata give it")
     image_score: float = Field(description="raw score: mean of the top-k anomaly-map values")
     normalized_score: float | None = Field(
         description="0..1 on the bundle's calibrated scale, 0.5 at its threshold; null if uncalibrated")
@@ -29,8 +31,26 @@ class InspectResponse(BaseModel):
     timings_ms: Timings
 
 
+class BatchItemError(BaseModel):
+    status: int = Field(description="the HTTP status /inspect would have answered for this file alone")
+    detail: str
+
+
+class BatchItem(BaseModel):
+    index: int = Field(description="the file's position in the request, from 0")
+    filename: str | None
+    result: InspectResponse | None = Field(None, description="as /inspect answers; absent on error")
+    error: BatchItemError | None = Field(None, description="why this file has no result; absent on success")
+
+
+class BatchInspectResponse(BaseModel):
+    model: str
+    results: list[BatchItem] = Field(description="one per file, in the order sent")
+
+
 class ModelInfo(BaseModel):
     name: str
+    version: str = Field(description="the first 12 hex digits of the bundle's ONNX SHA-256")
     input_size: int
     channels: int
     threshold: float | None
@@ -38,6 +58,14 @@ class ModelInfo(BaseModel):
     backend: str | None = Field(description="null while loading")
     max_batch_size: int | None
     state: str = Field(description="loading, ready, failed or stopped")
+
+
+class ReloadResponse(BaseModel):
+    model: str
+    version: str = Field(description="the version serving now")
+    previous_version: str
+    reloaded: bool = Field(description="false when the folder held the version already serving")
+    warmup_s: float | None = Field(None, description="load and warm-up time of the new version")
 
 
 class ModelList(BaseModel):

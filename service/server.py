@@ -15,9 +15,10 @@ import threading
 import uvicorn
 
 from .app import create_app
+from .logs import configure_logging
 from .settings import Settings
+from .tracing import configure_tracing
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 log = logging.getLogger("diffad.service")
 
 
@@ -45,13 +46,10 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S", force=True)
-
-
 def serve(settings: Settings) -> None:
     """Build the app (the bundles are checked here) and serve it until a shutdown signal."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    configure_tracing()  # only when OTEL_* variables ask for traces
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,

@@ -20,6 +20,7 @@ DEFAULT_SETTINGS_FILE = ".env"
 
 BackendChoice = Literal["auto", "onnxruntime", "tensorrt", "torch"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+LogFormat = Literal["text", "json"]
 
 
 def _split_list(value: Any) -> Any:
@@ -46,6 +47,9 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(256, ge=1, description="requests queued per model before answering 429")
     request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 504")
     max_upload_bytes: int = Field(20 * 2**20, ge=1, description="largest accepted upload (413 above)")
+    max_files_per_request: int = Field(
+        16, ge=1, le=256, description="most images in one POST /inspect/batch (413 above); each is held to "
+        "DIFFAD_MAX_UPLOAD_BYTES")
     max_image_pixels: int = Field(
         50_000_000, ge=1, description="largest accepted width x height, checked before decoding (413 above)")
     max_map_pixels: int = Field(
@@ -67,13 +71,15 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: LogLevel = "info"
+    log_format: LogFormat = Field(
+        "text", description="text (a terminal) or json: one JSON object per line, request id and latencies as keys")
 
     @field_validator("models", "api_keys", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
