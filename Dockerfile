@@ -17,6 +17,21 @@ ARG CPU_BASE_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27
 ARG GPU_BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04@sha256:ac55d124da4882b497f732d8dfd9a702d5447a5f29d08d56da6f64f0a1eb34bc
 
 # ---------------------------------------------------------------------------------------------------------
+# source: what both images install from, copied once: the project files and the package's folders
+# (pyproject.toml's package-dir; tests/test_deploy.py checks the lists agree).
+FROM scratch AS source
+COPY pyproject.toml README.md /src/
+COPY deploy/requirements/ /src/deploy/requirements/
+COPY deploy/verify_image.py /src/deploy/verify_image.py
+COPY diffad/ /src/diffad/
+COPY models/ /src/models/
+COPY training/ /src/training/
+COPY evaluation/ /src/evaluation/
+COPY export/ /src/export/
+COPY service/ /src/service/
+COPY bench/*.py /src/bench/
+
+# ---------------------------------------------------------------------------------------------------------
 # cpu: build the virtual environment, then copy it into a clean base.
 FROM ${CPU_BASE_IMAGE} AS cpu-build
 ENV PIP_NO_CACHE_DIR=1 \
@@ -24,17 +39,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/diffad
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY deploy/requirements/ deploy/requirements/
-COPY deploy/verify_image.py deploy/verify_image.py
-# The package's folders (pyproject.toml's package-dir; tests/test_deploy.py checks the two lists agree)
-COPY diffad/ diffad/
-COPY models/ models/
-COPY training/ training/
-COPY evaluation/ evaluation/
-COPY export/ export/
-COPY service/ service/
-COPY bench/*.py bench/
+COPY --from=source /src/ ./
 RUN /opt/diffad/bin/pip install -c deploy/requirements/serve-cpu.txt ".[serve]" \
  && /opt/diffad/bin/python deploy/verify_image.py --backend onnxruntime
 
@@ -78,17 +83,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python3 -m venv /opt/diffad
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY deploy/requirements/ deploy/requirements/
-COPY deploy/verify_image.py deploy/verify_image.py
-# The package's folders (pyproject.toml's package-dir; tests/test_deploy.py checks the two lists agree)
-COPY diffad/ diffad/
-COPY models/ models/
-COPY training/ training/
-COPY evaluation/ evaluation/
-COPY export/ export/
-COPY service/ service/
-COPY bench/*.py bench/
+COPY --from=source /src/ ./
 # The serve extra brings the CPU onnxruntime and the gpu extra onnxruntime-gpu; both install into the same
 # `onnxruntime` package folder, so the CPU one is removed and the GPU one reinstalled over a clean folder.
 # tensorrt-cu12-libs is a stub on PyPI that fetches its wheel from NVIDIA's index: name that index directly.

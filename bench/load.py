@@ -30,10 +30,15 @@ from pathlib import Path
 import numpy as np
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """The bundle and the backend of the server a benchmark starts."""
     p.add_argument("bundle", metavar="BUNDLE_DIR")
     p.add_argument("--backend", default="onnxruntime", choices=("auto", "onnxruntime", "tensorrt", "torch"),
                    help="the server's backend (default onnxruntime)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_server_arguments(p)
     p.add_argument("--concurrency", type=int, default=16, help="clients with a request in flight (default 16)")
     p.add_argument("--seconds", type=float, default=10.0, help="measured time per configuration (default 10)")
     p.add_argument("--requests", type=int, help="measure this many requests per configuration instead")

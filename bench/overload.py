@@ -30,13 +30,11 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from .load import ServerProcess, batch_size_sum_count, drive, generated_png, percentiles_ms
+from .load import ServerProcess, add_server_arguments, batch_size_sum_count, drive, generated_png, percentiles_ms
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", metavar="BUNDLE_DIR")
-    p.add_argument("--backend", default="onnxruntime", choices=("auto", "onnxruntime", "tensorrt", "torch"),
-                   help="the server's backend (default onnxruntime)")
+    add_server_arguments(p)
     p.add_argument("--seconds", type=float, default=10.0, help="length of each phase (default 10)")
     p.add_argument("--concurrency", type=int, default=16, help="clients of the capacity phase (default 16)")
     p.add_argument("--multiples", default="1,2,5", help="arrival rates as multiples of capacity (default 1,2,5)")

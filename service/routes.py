@@ -139,20 +139,20 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def _infer_unless_disconnected(request: Request, runtime: ModelRuntime, image, deadline,
-                                     admission=None) -> InferenceResult:
-    """The batcher's answer; if the client disconnects first, its request is cancelled (and skipped)."""
-    inference = asyncio.ensure_future(runtime.batcher.infer(image, deadline, admission))
+async def _unless_disconnected(request: Request, work):
+    """The result of `work` (a coroutine or future); if the client disconnects first, the work is cancelled
+    (queued images are then skipped by the batcher) and ClientDisconnected raised."""
+    task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_until_disconnected(request))
     try:
-        await asyncio.wait({inference, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not inference.done():
-            inference.cancel()
-    if inference.cancelled():
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
         raise ClientDisconnected()
-    return inference.result()
+    return task.result()
 
 
 ERROR_RESPONSES = {
@@ -189,7 +189,7 @@ async def inspect(
         _check_serving(registry, runtime, admission)
         deadline = time.monotonic() + settings.request_timeout_s
         decoded = await _decode_upload(request, runtime, settings, file)
-        result = await _infer_unless_disconnected(request, runtime, decoded.array, deadline, admission)
+        result = await _unless_disconnected(request, runtime.batcher.infer(decoded.array, deadline, admission))
         setattr(request.state, TIMINGS_STATE_KEY, {"queue_ms": round(result.queue_s * 1e3, 3),
                                                    "inference_ms": round(result.inference_s * 1e3, 3),
                                                    "batch_size": result.batch_size})
@@ -253,18 +253,12 @@ async def inspect_batch(
                 return BatchItem(index=index, filename=file.filename,
                                  error=BatchItemError(status=http.status_code, detail=str(http.detail)))
 
-        items = asyncio.ensure_future(asyncio.gather(*(one(i, f, admission if i == 0 else None)
-                                                       for i, f in enumerate(files))))
-        watcher = asyncio.ensure_future(_until_disconnected(request))
         try:
-            await asyncio.wait({items, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-            if not items.done():
-                items.cancel()
-        if items.cancelled():
+            items = await _unless_disconnected(request, asyncio.gather(
+                *(one(i, f, admission if i == 0 else None) for i, f in enumerate(files))))
+        except ClientDisconnected:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return BatchInspectResponse(model=runtime.name, results=items.result())
+        return BatchInspectResponse(model=runtime.name, results=items)
     finally:
         if admission is not None:
             admission.release()

@@ -470,9 +470,10 @@ def test_dockerfile_copies_every_package_folder():
     tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
     folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
     _, stages, _ = dockerfile_stages()
+    copied = {rest.split()[0].split("/")[0] for word, rest in stages["source"] if word == "COPY"}
+    assert folders <= copied, f"the source stage does not copy {sorted(folders - copied)}"
     for name in ("cpu-build", "gpu-build"):
-        copied = {rest.split()[0].split("/")[0] for word, rest in stages[name] if word == "COPY"}
-        assert folders <= copied, f"{name} does not copy {sorted(folders - copied)}"
+        assert ("COPY", "--from=source /src/ ./") in stages[name], f"{name} does not take the source stage"
 
 
 def dockerignore_allows(path: str, patterns: list[str]) -> bool:

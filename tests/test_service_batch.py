@@ -5,9 +5,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from diffad.service.backends import open_backend
 from test_service import (
-    WrappedBackend,
     as_batch,
     encode,
     make_settings,
@@ -16,6 +14,7 @@ from test_service import (
     reference,  # noqa: F401 (a fixture)
     serving,
     upload,
+    wrapping_factory,
 )
 
 
@@ -32,10 +31,7 @@ def files(*parts):
 def test_batch_answers_each_file_in_order_and_bad_files_fail_alone(bundle_dir, reference):  # noqa: F811
     images = [noise_image(40, 30, seed=s) for s in range(3)]
     created = {}
-
-    def factory(bundle, settings):
-        created[bundle.name] = WrappedBackend(open_backend(bundle, settings))
-        return created[bundle.name]
+    factory = wrapping_factory(created)
 
     async def scenario():
         async with serving(make_settings(bundle_dir, max_batch_size=8, max_queue_delay_ms=50), factory) as (_, c):
@@ -95,14 +91,9 @@ def test_batch_over_the_file_limit_is_refused_whole(bundle_dir):
 def test_each_file_of_a_batch_takes_its_own_place_in_the_queue(bundle_dir):
     """With room for one request, the batch's first file takes the request's place and the others get 429."""
     image = encode(noise_image(20, 20))
-    created = {}
-
-    def factory(bundle, settings):
-        created[bundle.name] = WrappedBackend(open_backend(bundle, settings))
-        return created[bundle.name]
 
     async def scenario():
-        async with serving(make_settings(bundle_dir, max_queue_size=1, max_batch_size=1), factory) as (_, c):
+        async with serving(make_settings(bundle_dir, max_queue_size=1, max_batch_size=1)) as (_, c):
             r = await c.post("/inspect/batch?map=none", files=files(*[(f"{i}.png", image, "image/png")
                                                                       for i in range(4)]))
             return r.json()["results"]

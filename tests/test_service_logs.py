@@ -7,10 +7,8 @@ import logging
 import re
 
 import pytest
-from diffad.service.backends import open_backend
 from diffad.service.logs import NO_REQUEST, accepted_request_id, configure_logging
 from test_service import (
-    WrappedBackend,
     encode,
     make_settings,
     make_tiny_bundle,
@@ -18,6 +16,7 @@ from test_service import (
     serving,
     solid_image,
     upload,
+    wrapping_factory,
 )
 
 HEX_ID = re.compile(r"[0-9a-f]{32}")
@@ -67,10 +66,7 @@ def test_request_id_is_echoed_or_made_for_every_answer(bundle_dir):
 
 def test_every_error_body_names_its_request_id(bundle_dir):
     created = {}
-
-    def factory(bundle, settings):
-        created[bundle.name] = WrappedBackend(open_backend(bundle, settings))
-        return created[bundle.name]
+    factory = wrapping_factory(created)
 
     cases = [  # (status, url, request arguments): answers made by the route, validation, decoding,
         # a middleware and a failing backend
