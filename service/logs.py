@@ -50,12 +50,15 @@ class RequestContextFilter(logging.Filter):
 
 
 def json_formatter() -> logging.Formatter:
+    from pythonjsonlogger.core import RESERVED_ATTRS
     from pythonjsonlogger.json import JsonFormatter
 
-    # Fields given with extra= (the access line's method, status, latencies...) become keys of their own.
+    # Fields given with extra= (the access line's method, status, latencies...) become keys of their own,
+    # except uvicorn's color_message (the message again, with terminal colour codes).
     # timestamp=True: ISO 8601 in UTC with microseconds, what collectors parse without a format string.
     return JsonFormatter("%(levelname)s %(name)s %(request_id)s %(message)s", timestamp=True,
-                         rename_fields={"levelname": "level", "name": "logger"})
+                         rename_fields={"levelname": "level", "name": "logger"},
+                         reserved_attrs=[*RESERVED_ATTRS, "color_message"])
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:

@@ -131,6 +131,14 @@ def test_text_logs_carry_the_request_id(bundle_dir, capsys, restore_logging):
     assert "model=weave batch=1" in access[0]
 
 
+def test_json_lines_leave_out_terminal_colours(capsys, restore_logging):
+    configure_logging("info", "json")
+    logging.getLogger("uvicorn.error").info("Started server process [%d]", 7,
+                                            extra={"color_message": "Started server process [\x1b[36m%d\x1b[0m]"})
+    (line,) = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
+    assert line["message"] == "Started server process [7]" and "color_message" not in line
+
+
 def test_log_format_is_checked():
     with pytest.raises(ValueError, match="text or json"):
         configure_logging("info", "yaml")
