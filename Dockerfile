@@ -40,7 +40,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/diffad
 WORKDIR /src
 COPY --from=source /src/ ./
-RUN /opt/diffad/bin/pip install -c deploy/requirements/serve-cpu.txt ".[serve]" \
+RUN /opt/diffad/bin/pip install -c deploy/requirements/serve-cpu.txt ".[serve,tracing]" \
  && /opt/diffad/bin/python deploy/verify_image.py --backend onnxruntime
 
 FROM ${CPU_BASE_IMAGE} AS cpu
@@ -88,7 +88,7 @@ COPY --from=source /src/ ./
 # `onnxruntime` package folder, so the CPU one is removed and the GPU one reinstalled over a clean folder.
 # tensorrt-cu12-libs is a stub on PyPI that fetches its wheel from NVIDIA's index: name that index directly.
 RUN /opt/diffad/bin/pip install --extra-index-url https://pypi.nvidia.com \
-        -c deploy/requirements/gpu-cu12.txt ".[serve,gpu]" \
+        -c deploy/requirements/gpu-cu12.txt ".[serve,gpu,tracing]" \
  && /opt/diffad/bin/pip uninstall -y onnxruntime onnxruntime-gpu \
  && /opt/diffad/bin/pip install --no-deps -c deploy/requirements/gpu-cu12.txt onnxruntime-gpu \
  && /opt/diffad/bin/python deploy/verify_image.py --backend tensorrt

@@ -454,8 +454,8 @@ def test_dockerfile_default_target_is_gpu_and_installs_no_torch():
     text = DOCKERFILE.read_text()
     installs = {name: " ".join(rest for w, rest in stage if w == "RUN" and "pip install" in rest)
                 for name, stage in stages.items()}
-    assert '-c deploy/requirements/serve-cpu.txt ".[serve]"' in installs["cpu-build"]
-    assert '-c deploy/requirements/gpu-cu12.txt ".[serve,gpu]"' in installs["gpu-build"]
+    assert '-c deploy/requirements/serve-cpu.txt ".[serve,tracing]"' in installs["cpu-build"]
+    assert '-c deploy/requirements/gpu-cu12.txt ".[serve,gpu,tracing]"' in installs["gpu-build"]
     for name, command in installs.items():
         assert "torch" not in command, name
         for extras in re.findall(r'"\.\[([^\]]*)\]"', command):
@@ -581,7 +581,8 @@ def read_pins(path: Path) -> dict[str, str]:
     return pins
 
 
-@pytest.mark.parametrize("lock, extras", [("serve-cpu.txt", ["serve"]), ("gpu-cu12.txt", ["serve", "gpu"])])
+@pytest.mark.parametrize("lock, extras", [("serve-cpu.txt", ["serve", "tracing"]),
+                                          ("gpu-cu12.txt", ["serve", "gpu", "tracing"])])
 def test_constraints_pin_every_serving_requirement_and_no_torch(lock, extras):
     from packaging.requirements import Requirement
 
