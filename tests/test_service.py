@@ -560,6 +560,8 @@ def test_several_models_each_with_its_queue(bundle_dir, second_bundle_dir):
 
     async def scenario():
         async with serving(make_settings(bundle_dir, models=[bundle_dir, second_bundle_dir])) as (app, client):
+            # /readyz is 200 once one model serves: wait for the second as well before listing them
+            await until(lambda: all(m.ready for m in app.state.registry.models.values()))
             listing = (await client.get("/models")).json()
             unnamed = await client.post("/inspect", files=upload(image))
             answers = [await client.post("/inspect", params={"model": m}, files=upload(image))
