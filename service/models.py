@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..export.bundle import Bundle, BundleError, load_bundle
+from ..export.bundle import Bundle, BundleError, InputSpec, load_bundle
 from .backends import Backend, BackendFactory, open_backend
 from .batcher import DynamicBatcher
 from .metrics import ServiceMetrics
@@ -85,13 +85,6 @@ class ReloadError(Exception):
         self.status, self.detail = status, detail
 
 
-def _close_quietly(backend: Backend) -> None:
-    try:
-        backend.close()
-    except Exception:
-        log.exception("closing a backend failed")
-
-
 class ModelRegistry:
     def __init__(self, settings: Settings, metrics: ServiceMetrics, backend_factory: BackendFactory | None = None):
         if not settings.models:
@@ -141,24 +134,11 @@ class ModelRegistry:
 
     async def _open(self, model: ModelRuntime) -> bool:
         """Open, warm up and put to work the model's backend (again, after a failure); False if it failed."""
-        loop = asyncio.get_running_loop()
-        settings = self.settings
         model.attempts += 1
-        backend = None
+        started = time.monotonic()
         try:
-            started = time.monotonic()
-            opening = loop.run_in_executor(model.executor, self.backend_factory, model.bundle, settings)
-            try:
-                backend = await asyncio.shield(opening)
-            except asyncio.CancelledError:  # stopped while opening: close what the thread still returns
-                opening.add_done_callback(_close_when_opened)
-                raise
-            limit = backend.max_batch_size
-            batch_size = min(settings.max_batch_size, limit) if limit else settings.max_batch_size
-            await loop.run_in_executor(model.executor, self._warm_up, model, backend, batch_size)
+            backend, batch_size = await self._open_backend(model.name, model.bundle, model.executor)
         except Exception as e:
-            if backend is not None:
-                await self._close_backend(model, backend)
             model.error = f"{type(e).__name__}: {e}"
             model.state = FAILED if model.state in (LOADING, FAILED) else RELOADING
             log.error("model %s failed to load (try %d): %s", model.name, model.attempts, model.error,
@@ -167,10 +147,7 @@ class ModelRegistry:
         model.backend, model.error, model.consecutive_failures = backend, None, 0
         model.warmup_s = time.monotonic() - started
         if model.batcher is None:
-            model.batcher = DynamicBatcher(model.name, backend, model.executor, batch_size,
-                                           settings.max_queue_delay_s, settings.max_queue_size, self.metrics,
-                                           on_batch=lambda ok, m=model: self._batch_done(m, ok))
-            model.batcher.start()
+            model.batcher = self._new_batcher(model, backend, model.executor, batch_size)
         else:  # a reopened model: the same queue, the new backend
             model.batcher.run_batch = backend
         model.state = READY
@@ -178,6 +155,33 @@ class ModelRegistry:
         log.info("model %s ready: %s, max batch %d, loaded and warmed up in %.1f s", model.name,
                  backend.describe(), model.batcher.max_batch_size, model.warmup_s)
         return True
+
+    async def _open_backend(self, name: str, bundle: Bundle, executor: ThreadPoolExecutor) -> tuple[Backend, int]:
+        """The bundle's backend, opened on the executor's thread and warmed up, and the batch size it serves
+        at; a backend that fails its warm-up is closed before the error goes on."""
+        loop = asyncio.get_running_loop()
+        opening = loop.run_in_executor(executor, self.backend_factory, bundle, self.settings)
+        try:
+            backend = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # stopped while opening: close what the thread still returns
+            opening.add_done_callback(_close_when_opened)
+            raise
+        limit = backend.max_batch_size
+        batch_size = min(self.settings.max_batch_size, limit) if limit else self.settings.max_batch_size
+        try:
+            await loop.run_in_executor(executor, self._warm_up, name, bundle.input, backend, batch_size)
+        except Exception:
+            await self._close_backend(name, backend, executor)
+            raise
+        return backend, batch_size
+
+    def _new_batcher(self, model: ModelRuntime, backend: Backend, executor: ThreadPoolExecutor,
+                     batch_size: int) -> DynamicBatcher:
+        batcher = DynamicBatcher(model.name, backend, executor, batch_size, self.settings.max_queue_delay_s,
+                                 self.settings.max_queue_size, self.metrics,
+                                 on_batch=lambda ok, m=model: self._batch_done(m, ok))
+        batcher.start()
+        return batcher
 
     def _publish(self, model: ModelRuntime, backend: Backend) -> None:
         self.metrics.model_ready.labels(model.name).set(1)
@@ -216,22 +220,13 @@ class ModelRegistry:
                         "reloaded": False}
             started = time.monotonic()
             executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"diffad-{name}"[:32])
-            backend = None
             try:
-                backend = await loop.run_in_executor(executor, self.backend_factory, bundle, self.settings)
-                limit = backend.max_batch_size
-                batch_size = min(self.settings.max_batch_size, limit) if limit else self.settings.max_batch_size
-                await loop.run_in_executor(executor, self._warm_up, model, backend, batch_size)
+                backend, batch_size = await self._open_backend(name, bundle, executor)
             except Exception as e:
-                if backend is not None:
-                    await loop.run_in_executor(executor, _close_quietly, backend)
                 executor.shutdown(wait=False)
                 why = f"version {bundle.version} did not open: {type(e).__name__}: {e}"
                 raise self._reload_failed(model, why) from None
-            batcher = DynamicBatcher(name, backend, executor, batch_size, self.settings.max_queue_delay_s,
-                                     self.settings.max_queue_size, self.metrics,
-                                     on_batch=lambda ok, m=model: self._batch_done(m, ok))
-            batcher.start()
+            batcher = self._new_batcher(model, backend, executor, batch_size)
             if model.reopening is not None and not model.reopening.done():
                 model.reopening.cancel()  # the new version replaces a model being reopened
             old = (model.batcher, model.backend, model.executor)
@@ -247,7 +242,7 @@ class ModelRegistry:
             if old_batcher is not None:
                 await old_batcher.close(self.settings.request_timeout_s)
             if old_backend is not None:
-                await loop.run_in_executor(old_executor, _close_quietly, old_backend)
+                await self._close_backend(name, old_backend, old_executor)
             old_executor.shutdown(wait=False)
             return {"model": name, "version": bundle.version, "previous_version": previous.version,
                     "reloaded": True, "warmup_s": round(model.warmup_s, 3)}
@@ -285,25 +280,25 @@ class ModelRegistry:
                 return
             old, model.backend = model.backend, None
             if old is not None:
-                await self._close_backend(model, old)
+                await self._close_backend(model.name, old, model.executor)
             if await self._open(model):
                 return
             tries += 1
 
-    async def _close_backend(self, model: ModelRuntime, backend: Backend) -> None:
+    @staticmethod
+    async def _close_backend(name: str, backend: Backend, executor: ThreadPoolExecutor) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(model.executor, backend.close)
+            await asyncio.get_running_loop().run_in_executor(executor, backend.close)
         except Exception:
-            log.exception("model %s: closing its backend failed", model.name)
+            log.exception("model %s: closing its backend failed", name)
 
     @staticmethod
-    def _warm_up(model: ModelRuntime, backend: Backend, batch_size: int) -> None:
-        spec = model.bundle.input
+    def _warm_up(name: str, spec: InputSpec, backend: Backend, batch_size: int) -> None:
         for size in sorted({1, batch_size}):
             images = np.zeros((size, spec.channels, spec.size, spec.size), dtype=np.uint8)
             maps, scores = backend(images)
             if maps.shape != (size, 1, spec.size, spec.size) or scores.shape != (size,):
-                raise BundleError(f"model {model.name}: the backend answered shapes {maps.shape}, {scores.shape} "
+                raise BundleError(f"model {name}: the backend answered shapes {maps.shape}, {scores.shape} "
                                   f"for a batch of {size} ({spec.channels}x{spec.size}x{spec.size})")
 
     def begin_drain(self) -> None:
@@ -324,5 +319,5 @@ class ModelRegistry:
             self.metrics.model_ready.labels(model.name).set(0)
             model.state = STOPPED if model.state == READY else model.state
             if model.backend is not None:
-                await self._close_backend(model, model.backend)
+                await self._close_backend(model.name, model.backend, model.executor)
             model.executor.shutdown(wait=False, cancel_futures=True)
