@@ -190,15 +190,15 @@ async def inspect(
         deadline = time.monotonic() + settings.request_timeout_s
         decoded = await _decode_upload(request, runtime, settings, file)
         result = await _unless_disconnected(request, runtime.batcher.infer(decoded.array, deadline, admission))
-        setattr(request.state, TIMINGS_STATE_KEY, {"queue_ms": round(result.queue_s * 1e3, 3),
-                                                   "inference_ms": round(result.inference_s * 1e3, 3),
+        body = await _result_body(request, runtime, settings, result, decoded, threshold, map_format, started)
+        timings = body["timings_ms"]
+        setattr(request.state, TIMINGS_STATE_KEY, {"queue_ms": timings.queue, "inference_ms": timings.inference,
                                                    "batch_size": result.batch_size})
-        return InspectResponse(**await _result_body(request, runtime, settings, result, decoded, threshold,
-                                                    map_format, started))
+        return InspectResponse(**body)
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is listening; the server drops it
     except Exception as e:
-        http = _http_error(e, runtime, settings)
+        http = http_error_for(e, runtime, settings)
         if http is None:
             raise
         raise http from None
@@ -247,7 +247,7 @@ async def inspect_batch(
                                           item_started)
                 return BatchItem(index=index, filename=file.filename, result=InspectResponse(**body))
             except Exception as e:
-                http = _http_error(e, runtime, settings)
+                http = http_error_for(e, runtime, settings)
                 if http is None:
                     raise
                 return BatchItem(index=index, filename=file.filename,
@@ -260,8 +260,6 @@ async def inspect_batch(
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return BatchInspectResponse(model=runtime.name, results=items)
     finally:
-        if admission is not None:
-            admission.release()
         metrics.request_duration.labels(runtime.name).observe(time.perf_counter() - started)
 
 
@@ -298,7 +296,7 @@ async def _result_body(request: Request, runtime: ModelRuntime, settings: Settin
     return body
 
 
-def _http_error(error: Exception, runtime: ModelRuntime, settings: Settings) -> HTTPException | None:
+def http_error_for(error: Exception, runtime: ModelRuntime, settings: Settings) -> HTTPException | None:
     """The answer for what can go wrong with one image; None for anything else (a bug: a 500 and a log)."""
     if isinstance(error, HTTPException):
         return error

@@ -27,10 +27,10 @@ from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
 from ..export.bundle import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT
-from .batcher import BatcherClosedError, InferenceError, QueueFullError, RequestTimeoutError
 from .deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
 from .metrics import MODEL_STATE_KEY
 from .models import ModelRuntime
+from .routes import http_error_for
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 v2_public_router = APIRouter(prefix="/v2", tags=["open inference protocol"])
@@ -179,15 +179,11 @@ async def _run(runtime: ModelRuntime, images: np.ndarray, settings) -> tuple[np.
     tasks = [asyncio.ensure_future(one(np.ascontiguousarray(image))) for image in images]
     try:
         results = await asyncio.gather(*tasks)
-    except QueueFullError as e:
-        raise ProtocolError(429, f"model {runtime.name} is at its queue limit ({settings.max_queue_size})",
-                            {"Retry-After": str(e.retry_after_s)}) from None
-    except RequestTimeoutError:
-        raise ProtocolError(504, f"no answer within {settings.request_timeout_s:g} s") from None
-    except BatcherClosedError:
-        raise ProtocolError(503, "the service is shutting down", {"Retry-After": "1"}) from None
-    except InferenceError as e:
-        raise ProtocolError(500, str(e)) from None
+    except Exception as e:
+        http = http_error_for(e, runtime, settings)  # the answers /inspect gives, in the protocol's shape
+        if http is None:
+            raise
+        raise ProtocolError(http.status_code, http.detail, http.headers) from None
     finally:
         for task in tasks:
             task.cancel()  # after a failure, what is still queued is skipped
