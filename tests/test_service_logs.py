@@ -91,16 +91,22 @@ def test_every_error_body_names_its_request_id(bundle_dir):
     asyncio.run(scenario())
 
 
-def test_json_logs_follow_one_request_in_one_access_line(bundle_dir, capsys, restore_logging):
+def logged(bundle_dir, capsys, log_format: str, requests: list[tuple[str, str, int]]) -> list[str]:
+    """The lines the service wrote in log_format while answering requests: (url, X-Request-ID, status)."""
     async def scenario():
         async with serving(make_settings(bundle_dir)) as (_, client):
-            configure_logging("info", "json")
-            r = await client.post("/inspect?map=none", files=upload(png()), headers={"X-Request-ID": "follow-me-1"})
-            assert r.status_code == 200
-            r = await client.post("/inspect?model=nope", files=upload(png()), headers={"X-Request-ID": "lost-2"})
-            assert r.status_code == 404
+            configure_logging("info", log_format)
+            for url, rid, status in requests:
+                r = await client.post(url, files=upload(png()), headers={"X-Request-ID": rid})
+                assert r.status_code == status, r.text
     asyncio.run(scenario())
-    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    return capsys.readouterr().err.splitlines()
+
+
+def test_json_logs_follow_one_request_in_one_access_line(bundle_dir, capsys, restore_logging):
+    output = logged(bundle_dir, capsys, "json", [("/inspect?map=none", "follow-me-1", 200),
+                                                 ("/inspect?model=nope", "lost-2", 404)])
+    lines = [json.loads(line) for line in output if line.startswith("{")]
     assert lines, "no JSON log lines"
     for record in lines:
         assert {"timestamp", "level", "logger", "request_id", "message"} <= set(record), record
@@ -119,13 +125,8 @@ def test_json_logs_follow_one_request_in_one_access_line(bundle_dir, capsys, res
 
 
 def test_text_logs_carry_the_request_id(bundle_dir, capsys, restore_logging):
-    async def scenario():
-        async with serving(make_settings(bundle_dir)) as (_, client):
-            configure_logging("info", "text")
-            r = await client.post("/inspect?map=none", files=upload(png()), headers={"X-Request-ID": "plain-3"})
-            assert r.status_code == 200
-    asyncio.run(scenario())
-    access = [line for line in capsys.readouterr().err.splitlines() if " diffad.access " in line]
+    output = logged(bundle_dir, capsys, "text", [("/inspect?map=none", "plain-3", 200)])
+    access = [line for line in output if " diffad.access " in line]
     assert len(access) == 1, access
     assert "[plain-3]" in access[0] and '"POST /inspect?map=none" 200' in access[0]
     assert "model=weave batch=1" in access[0]
