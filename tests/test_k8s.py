@@ -272,6 +272,9 @@ def test_service_monitor_matches_the_prometheus_operator_crd(rendered_with_servi
     text = SERVICE_MONITOR_CRD.read_bytes()
     assert hashlib.sha256(text).hexdigest() == SERVICE_MONITOR_CRD_SHA256, \
         "the vendored CRD changed: update deploy/schemas/README.md and the hash here together"
+    schemas = SERVICE_MONITOR_CRD.parent
+    assert SERVICE_MONITOR_CRD_SHA256 in (schemas / "README.md").read_text(), "deploy/schemas/README.md names it"
+    assert (schemas / "LICENSE.prometheus-operator").read_text().lstrip().startswith("Apache License")
     crd = yaml.safe_load(text)
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     validator = jsonschema.Draft202012Validator(strict_crd_schema(version["schema"]["openAPIV3Schema"]))
