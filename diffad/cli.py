@@ -57,6 +57,25 @@ exit status:
 """
 
 
+EXPORT_TRITON_DESCRIPTION = """\
+Write model bundles into an NVIDIA Triton Inference Server model repository: REPO/<name>/config.pbtxt
+(backend onnxruntime, or platform tensorrt_plan with --tensorrt; the uint8 NCHW input, the map and score
+outputs, dynamic batching with a queue delay and bound, instance groups, a version policy, and the bundle's
+calibration as parameters) and REPO/<name>/<version>/, which is the bundle itself. A bundle already in the
+repository keeps its version number; another one becomes the next version, and config.pbtxt follows the
+newest. Serve REPO with tritonserver, and point the diffad gateway at it (DIFFAD_BACKEND=triton).
+"""
+
+EXPORT_TRITON_EPILOG = """\
+examples:
+  diffad export-triton bundles/dagm bundles/tile --out triton-repo
+  diffad export-triton bundles/dagm --out triton-repo --tensorrt --tensorrt-version 10.8.0 --max-batch-size 16
+  tritonserver --model-repository=triton-repo --model-control-mode=poll
+
+exit status: 0 written; 2 a missing or broken bundle, a name Triton refuses, or no engine for --tensorrt.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffad", description="DiffusionAD visual anomaly detection: train on good images, find defects.",
@@ -156,6 +175,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", metavar="FILE",
                    help="TensorRT timing cache to read and update (default: one per GPU and TensorRT version "
                    "under ~/.cache/diffad/tensorrt)")
+
+    p = verbs.add_parser("export-triton", help="write bundles into an NVIDIA Triton Inference Server model repository",
+                         description=EXPORT_TRITON_DESCRIPTION, epilog=EXPORT_TRITON_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundles", metavar="BUNDLE_DIR", nargs="+", help="bundles made by `diffad export`")
+    p.add_argument("--out", required=True, metavar="REPO", help="the model repository (created or added to)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=8,
+                   help="largest batch Triton's dynamic batcher forms (default 8)")
+    p.add_argument("--max-queue-delay-us", type=int, default=5000,
+                   help="how long the oldest request may wait for a batch to fill, microseconds (default 5000)")
+    p.add_argument("--max-queue-size", type=_positive_int, default=256,
+                   help="requests queued per model before Triton refuses more (default 256)")
+    p.add_argument("--instances", type=_positive_int, default=1, help="model instances per device (default 1)")
+    p.add_argument("--kind", choices=("gpu", "cpu"), default="gpu",
+                   help="where each instance runs: gpu (KIND_GPU, default) or cpu (KIND_CPU)")
+    p.add_argument("--keep-versions", type=_positive_int, default=2,
+                   help="versions Triton keeps loaded, the newest N (default 2: the old one serves while "
+                   "clients move to the new one)")
+    p.add_argument("--tensorrt", action="store_true",
+                   help="serve the bundles' TensorRT engines (platform tensorrt_plan, one per compute capability) "
+                   "instead of model.onnx with the onnxruntime backend")
+    p.add_argument("--tensorrt-version", metavar="X.Y.Z",
+                   help="with --tensorrt: only engines built with this TensorRT, the one in the Triton image")
 
     verbs.add_parser("presets", help="print each preset's parameter count and GMAC per image",
                      description="Parameters and multiply-accumulates per image of the one-step pipeline "
@@ -271,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args)
         if args.verb == "export":
             return _export(args)
+        if args.verb == "export-triton":
+            return _export_triton(args)
         if args.verb == "presets":
             return _presets()
         if args.verb == "serve":
@@ -351,6 +395,18 @@ def _export(args) -> int:
         "engines": [{k: e[k] for k in ("file", "gpu", "tensorrt_version", "precision", "parity")}
                     for e in manifest["engines"]],
     }, indent=2))
+    return 0
+
+
+def _export_triton(args) -> int:
+    from .export.triton import TritonOptions, export_repository
+
+    options = TritonOptions(max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+                            max_queue_size=args.max_queue_size, instances=args.instances, kind=args.kind,
+                            keep_versions=args.keep_versions, tensorrt=args.tensorrt,
+                            tensorrt_version=args.tensorrt_version)
+    print(json.dumps({"repository": args.out, "models": export_repository(args.bundles, args.out, options)},
+                     indent=2))
     return 0
 
 
