@@ -12,7 +12,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/pip install --quiet -e ".[train,serve,dev]"
+	$(BIN)/pip install --quiet -e ".[train,serve,triton,dev]"
+	# tests/test_triton.py runs the tritonserver binary that this wheel carries (Linux x86-64, glibc 2.35+).
+	# --no-deps: only the binary is used; the wheel's Python package would pin numpy<2.
+	$(BIN)/pip install --quiet --no-deps nvidia-pytriton==0.7.0 || echo "nvidia-pytriton cannot be installed here: tests/test_triton.py will skip its Triton tests"
 	touch $@
 
 test: install

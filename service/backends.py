@@ -4,6 +4,8 @@
     tensorrt     a native TensorRT engine built for this GPU: from the bundle's `engines` or from the
                  engine cache (DIFFAD_ENGINE_CACHE, filled by `diffad engines`)
     torch        PyTorch eager on the bundle's model.safetensors (development only: needs torch)
+    triton       the gateway: each batch goes to NVIDIA Triton Inference Server (DIFFAD_TRITON_URL), which
+                 runs the model; this service keeps decoding, limits, thresholds and map encoding
 
 `backend=auto` takes the fastest that this machine can run: a TensorRT engine for this GPU, else
 ONNX Runtime on CUDA, else ONNX Runtime on the CPU, and logs why. Each backend is opened and called on
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..export.bundle import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, WEIGHTS_FILE, Bundle
+from .batcher import UpstreamError
 from .settings import Settings
 
 log = logging.getLogger("diffad.service")
@@ -59,6 +62,11 @@ class Backend(ABC):
 
     def describe(self) -> str:
         return self.name
+
+    def check(self) -> str | None:
+        """None while the backend can serve; else why not. Only remote backends can turn unable between
+        batches (the registry asks them every DIFFAD_TRITON_HEALTH_INTERVAL_S)."""
+        return None
 
 
 # --- ONNX Runtime ----------------------------------------------------------------------------------
@@ -186,6 +194,172 @@ class TorchBackend(Backend):
         return maps.float().cpu().numpy(), scores.float().cpu().numpy()
 
 
+# --- NVIDIA Triton Inference Server (the gateway) --------------------------------------------------
+def parse_triton_url(url: str) -> tuple[str, str]:
+    """'http://triton:8000' -> ('http', 'triton:8000'); 'grpc://triton:8001' -> ('grpc', ...); no scheme: http."""
+    scheme, sep, address = url.partition("://")
+    if not sep:
+        scheme, address = "http", url
+    scheme, address = scheme.lower(), address.rstrip("/")
+    if scheme not in ("http", "grpc") or not address or "/" in address:
+        raise BackendUnavailable(f"DIFFAD_TRITON_URL={url!r}: give http://HOST:PORT (Triton's HTTP port, 8000) or "
+                                 "grpc://HOST:PORT (its gRPC port, 8001)")
+    return scheme, address
+
+
+# Triton's answers that mean "not now" rather than "broken": the gateway passes them on as its own.
+_QUEUE_FULL = ("exceeds maximum queue size",)
+_TRITON_TIMEOUT = ("request timeout expired", "timeout", "deadline")
+_NOT_SERVING = ("unknown model", "not ready", "unavailable", "is not found", "failed to connect", "connection")
+
+
+class TritonBackend(Backend):
+    """Sends each batch to Triton as one request (binary tensors) and waits for the map and score.
+
+    A bundle read from a Triton repository's version folder (REPO/<name>/<n>/, as `diffad export-triton`
+    writes) pins requests to version n, so the thresholds applied here are always those of the weights that
+    ran; a bundle from elsewhere must match the version Triton serves (its diffad_bundle_version
+    parameter). The client is made and used on the model's own thread only: tritonclient's HTTP client is
+    not thread-safe.
+    """
+
+    remote = True
+
+    def __init__(self, bundle: Bundle, url: str, timeout_s: float):
+        super().__init__(bundle)
+        self.protocol, self.address = parse_triton_url(url)
+        try:
+            if self.protocol == "grpc":
+                import tritonclient.grpc as client
+            else:
+                import tritonclient.http as client
+            from tritonclient.utils import InferenceServerException
+        except ImportError as e:
+            raise BackendUnavailable(f"the triton backend needs tritonclient ({e}): install diffad[triton]") from e
+        self._client_module, self._server_error = client, InferenceServerException
+        self.timeout_s = timeout_s
+        self.url = f"{self.protocol}://{self.address}"
+        self.model_name = bundle.name
+        folder = bundle.path.name
+        self.model_version = folder if folder.isdigit() and (bundle.path.parent / "config.pbtxt").is_file() else ""
+        if self.protocol == "grpc":
+            self.client = client.InferenceServerClient(self.address)
+        else:
+            self.client = client.InferenceServerClient(self.address, connection_timeout=min(timeout_s, 10.0),
+                                                       network_timeout=timeout_s)
+        self.name, self.device = f"triton-{self.protocol}", "remote"
+        try:
+            self._check_model()
+        except Exception:
+            self.close()
+            raise
+        self._input_type = "UINT8" if bundle.input.dtype == "uint8" else "FP32"  # the graph's own, as exported
+
+    def _which(self) -> str:
+        return f"model {self.model_name}" + (f" version {self.model_version}" if self.model_version else "")
+
+    def _check_model(self) -> None:
+        """Triton serves this model, ready, with the bundle's interface; else BackendUnavailable saying why."""
+        try:
+            ready = self.client.is_model_ready(self.model_name, self.model_version)
+        except Exception as e:
+            raise BackendUnavailable(f"Triton at {self.url} is unreachable: {type(e).__name__}: {e}") from e
+        if not ready:
+            raise BackendUnavailable(f"Triton at {self.url} does not serve {self._which()} (not loaded or not "
+                                     "ready yet): add it to the model repository with `diffad export-triton`")
+        config = self.client.get_model_config(self.model_name, self.model_version,
+                                              **({"as_json": True} if self.protocol == "grpc" else {}))
+        config = config.get("config", config)  # gRPC's JSON wraps it
+        problems = interface_problems(self.bundle, config)
+        if not self.model_version:
+            served = (config.get("parameters") or {}).get("diffad_bundle_version", {}).get("string_value")
+            if served != self.bundle.version:
+                problems.append(f"Triton's newest version is bundle version {served!r}, this bundle is "
+                                f"{self.bundle.version!r}: serve the bundle from the Triton repository's version "
+                                "folder (REPO/NAME/N) so that the two match")
+        if problems:
+            raise BackendUnavailable(f"Triton's {self._which()} does not match the bundle {self.bundle.path}: "
+                                     + "; ".join(problems))
+        limit = int(config.get("max_batch_size", 0))
+        self.max_batch_size = limit or None
+        self.precision = "tensorrt" if config.get("platform") == "tensorrt_plan" else str(
+            config.get("backend") or config.get("platform") or "unknown")
+
+    def run(self, images):
+        client = self._client_module
+        batch = client.InferInput(INPUT_NAME, list(images.shape), self._input_type)
+        outputs = [client.InferRequestedOutput(name) for name in (MAP_OUTPUT, SCORE_OUTPUT)]
+        if self.protocol == "http":
+            batch.set_data_from_numpy(np.ascontiguousarray(images), binary_data=True)
+            outputs = [client.InferRequestedOutput(name, binary_data=True) for name in (MAP_OUTPUT, SCORE_OUTPUT)]
+            call = {}
+        else:
+            batch.set_data_from_numpy(np.ascontiguousarray(images))
+            call = {"client_timeout": self.timeout_s}
+        try:
+            result = self.client.infer(self.model_name, [batch], model_version=self.model_version,
+                                       outputs=outputs, **call)
+        except self._server_error as e:
+            raise self.upstream_error(e) from None
+        except Exception as e:  # the connection: refused, reset, timed out (gevent and grpc raise their own)
+            if "timeout" in type(e).__name__.lower() or "timed out" in str(e).lower():
+                raise UpstreamError(504, f"Triton at {self.url} did not answer within {self.timeout_s:g} s") from None
+            raise UpstreamError(503, f"Triton at {self.url} is unreachable: {type(e).__name__}", retry_after_s=1,
+                                backend_ok=False) from None
+        return result.as_numpy(MAP_OUTPUT), result.as_numpy(SCORE_OUTPUT).reshape(-1)
+
+    def upstream_error(self, error) -> Exception:
+        """Triton's error as the service's: queue full 429, its timeout 504, not serving 503, else a failure."""
+        text = (error.message() if callable(getattr(error, "message", None)) else str(error)) or str(error)
+        lower, status = text.lower(), str(error.status() or "").upper()
+        if any(words in lower for words in _QUEUE_FULL):
+            return UpstreamError(429, f"Triton's queue for {self.model_name} is full; retry in 1 s", retry_after_s=1)
+        if "DEADLINE_EXCEEDED" in status or any(words in lower for words in _TRITON_TIMEOUT):
+            return UpstreamError(504, f"Triton did not answer within {self.timeout_s:g} s")
+        if status in ("503", "STATUSCODE.UNAVAILABLE") or any(words in lower for words in _NOT_SERVING):
+            return UpstreamError(503, f"Triton at {self.url} cannot serve {self._which()} now", retry_after_s=1,
+                                 backend_ok=False)
+        return RuntimeError(f"Triton answered {status or 'an error'}: {text[:300]}")
+
+    def check(self) -> str | None:
+        try:
+            if self.client.is_model_ready(self.model_name, self.model_version):
+                return None
+            return f"Triton at {self.url} reports {self._which()} not ready"
+        except Exception as e:
+            return f"Triton at {self.url} is unreachable: {type(e).__name__}"
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # closing a client whose server went away must not hide anything else
+            log.debug("closing the Triton client failed", exc_info=True)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.url}, {self._which()}, max batch {self.max_batch_size or 'any'})"
+
+
+def interface_problems(bundle: Bundle, config: dict) -> list[str]:
+    """How a Triton model config (as JSON) differs from the bundle's graph interface; empty if it fits."""
+    spec, size = bundle.input, bundle.input.size
+    dtype = "TYPE_UINT8" if spec.dtype == "uint8" else "TYPE_FP32"
+    want_inputs = {INPUT_NAME: (dtype, [spec.channels, size, size])}
+    want_outputs = {MAP_OUTPUT: ("TYPE_FP32", [1, size, size]), SCORE_OUTPUT: ("TYPE_FP32", [1])}
+    problems = []
+    if int(config.get("max_batch_size", 0)) < 1:
+        problems.append("its max_batch_size is 0: the gateway sends batches")
+    for kind, want in (("input", want_inputs), ("output", want_outputs)):
+        have = {t.get("name"): (t.get("data_type"), [int(d) for d in t.get("dims", [])])
+                for t in config.get(kind, [])}
+        for name, (want_type, want_dims) in want.items():
+            if name not in have:
+                problems.append(f"it has no {kind} {name!r}")
+            elif have[name] != (want_type, want_dims):
+                problems.append(f"its {kind} {name!r} is {have[name][0]} {have[name][1]}, the bundle's is "
+                                f"{want_type} {want_dims}")
+    return problems
+
+
 # --- choosing --------------------------------------------------------------------------------------
 BackendFactory = Callable[[Bundle, Settings], Backend]
 
@@ -197,6 +371,8 @@ def open_backend(bundle: Bundle, settings: Settings) -> Backend:
         return OnnxRuntimeBackend(bundle, settings.threads)
     if choice == "torch":
         return TorchBackend(bundle, settings.threads)
+    if choice == "triton":
+        return TritonBackend(bundle, settings.triton_url, settings.request_timeout_s)
     if choice == "tensorrt":
         engine, why = find_engine(bundle, settings.engine_cache)
         if engine is None:

@@ -55,6 +55,16 @@ class InferenceError(RuntimeError):
     """The backend raised on the batch that held this request."""
 
 
+class UpstreamError(RuntimeError):
+    """A remote backend (Triton) refused the batch or could not be reached: each request in it is answered
+    with `status` (429, 503 or 504) rather than a 500. backend_ok=False counts the batch as a failure, so
+    that a Triton that went away turns the model unready."""
+
+    def __init__(self, status: int, detail: str, retry_after_s: int | None = None, backend_ok: bool = True):
+        super().__init__(detail)
+        self.status, self.detail, self.retry_after_s, self.backend_ok = status, detail, retry_after_s, backend_ok
+
+
 class BatcherClosedError(RuntimeError):
     """The batcher takes no new requests: the service is shutting down."""
 
@@ -271,6 +281,11 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         try:
             maps, scores = await loop.run_in_executor(self.executor, self._call_backend, images)
+        except UpstreamError as e:
+            log.warning("model %s: a batch of %d answered %d: %s", self.model, len(live), e.status, e.detail)
+            _fail(live, e)
+            self._report(e.backend_ok)
+            return
         except Exception as e:
             log.exception("model %s: inference failed on a batch of %d", self.model, len(live))
             _fail(live, InferenceError(f"inference failed: {type(e).__name__}"))

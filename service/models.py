@@ -19,10 +19,12 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from ..export.bundle import Bundle, BundleError, InputSpec, load_bundle
+from ..export.triton import resolve_bundle_dir
 from .backends import Backend, BackendFactory, open_backend
 from .batcher import DynamicBatcher
 from .metrics import ServiceMetrics
@@ -55,6 +57,7 @@ class ModelRuntime:
     attempts: int = 0  # tries to open the backend so far
     reopening: asyncio.Task | None = None
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one reload at a time per model
+    source: Path | None = None  # the folder as configured: a bundle, or a Triton model folder (newest version)
 
     @property
     def name(self) -> str:
@@ -94,7 +97,7 @@ class ModelRegistry:
         self.backend_factory = backend_factory or open_backend
         self.models: dict[str, ModelRuntime] = {}
         for path in settings.models:
-            bundle = load_bundle(path)
+            bundle = load_bundle(resolve_bundle_dir(path))
             if bundle.name in self.models:
                 raise BundleError(f"two bundles are named {bundle.name!r} ({self.models[bundle.name].bundle.path} "
                                   f"and {path}): model names must be unique; export one with --name")
@@ -102,9 +105,10 @@ class ModelRegistry:
                 log.warning("model %s has no calibrated threshold: answers carry threshold, normalized_score and "
                             "is_anomalous as null unless the request gives ?threshold=", bundle.name)
             executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"diffad-{bundle.name}"[:32])
-            self.models[bundle.name] = ModelRuntime(bundle, executor)
+            self.models[bundle.name] = ModelRuntime(bundle, executor, source=Path(path))
             metrics.model_ready.labels(bundle.name).set(0)
         self.draining = False
+        self._watching: asyncio.Task | None = None
 
     def find(self, name: str | None) -> ModelRuntime | None:
         """The model a request names, or the only one when it names none; None when there is no such model
@@ -127,6 +131,29 @@ class ModelRegistry:
         """Open each model's backend on its own thread, warm it up, start its batcher (models in parallel);
         a model that fails is tried again in the background."""
         await asyncio.gather(*(self._start_one(m) for m in self.models.values()))
+        if self.settings.backend == "triton":
+            self._watching = asyncio.get_running_loop().create_task(self._watch_remote(), name="diffad-watch-triton")
+
+    async def _watch_remote(self) -> None:
+        """Readiness follows the remote server's: each ready model's backend is asked (on the model's own
+        thread) every DIFFAD_TRITON_HEALTH_INTERVAL_S; one that says it cannot serve turns the model unready
+        and is opened again with backoff, as after failed batches."""
+        loop = asyncio.get_running_loop()
+        while not self.draining:
+            await asyncio.sleep(self.settings.triton_health_interval_s)
+            for model in list(self.models.values()):
+                backend = model.backend
+                if not model.ready or backend is None:
+                    continue
+                try:
+                    why = await loop.run_in_executor(model.executor, backend.check)
+                except Exception as e:  # a check that raises says as much as one that answers no
+                    why = f"{type(e).__name__}: {e}"
+                if why and model.ready and model.backend is backend and not self.draining:
+                    model.state, model.error = RELOADING, why
+                    self.metrics.model_ready.labels(model.name).set(0)
+                    log.error("model %s turned unready: %s; opening it again", model.name, why)
+                    self._reopen_later(model, first_delay_s=0.0)
 
     async def _start_one(self, model: ModelRuntime) -> None:
         if not await self._open(model):
@@ -204,7 +231,8 @@ class ModelRegistry:
             loop = asyncio.get_running_loop()
             previous = model.bundle
             try:
-                bundle = await loop.run_in_executor(None, load_bundle, previous.path)
+                folder = resolve_bundle_dir(model.source or previous.path)
+                bundle = await loop.run_in_executor(None, load_bundle, folder)
                 if bundle.name != name:
                     raise BundleError(f"{previous.path} now holds model {bundle.name!r}: a reload keeps the model's "
                                       "name (serve another model with a restart)")
@@ -309,6 +337,10 @@ class ModelRegistry:
 
     async def close(self, timeout_s: float) -> None:
         self.begin_drain()
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
         for model in self.models.values():
             if model.reopening is not None and not model.reopening.done():
                 model.reopening.cancel()

@@ -19,6 +19,7 @@ from .batcher import (
     InferenceResult,
     QueueFullError,
     RequestTimeoutError,
+    UpstreamError,
 )
 from .deps import API_KEY_HEADER, MetricsDep, RegistryDep, SettingsDep, api_key_accepted, require_api_key
 from .images import ImageError, check_content_type, decode_image, encode_map_png, map_size
@@ -307,6 +308,9 @@ def http_error_for(error: Exception, runtime: ModelRuntime, settings: Settings) 
                              headers={"Retry-After": str(error.retry_after_s)})
     if isinstance(error, RequestTimeoutError):
         return HTTPException(504, f"no answer within {settings.request_timeout_s:g} s")
+    if isinstance(error, UpstreamError):
+        headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s else None
+        return HTTPException(error.status, error.detail, headers=headers)
     if isinstance(error, InferenceError):
         return HTTPException(500, str(error))
     if isinstance(error, BatcherClosedError):

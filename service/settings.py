@@ -12,13 +12,13 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SETTINGS_FILE_VARIABLE = "DIFFAD_SETTINGS_FILE"
 DEFAULT_SETTINGS_FILE = ".env"
 
-BackendChoice = Literal["auto", "onnxruntime", "tensorrt", "torch"]
+BackendChoice = Literal["auto", "onnxruntime", "tensorrt", "torch", "triton"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LogFormat = Literal["text", "json"]
 
@@ -40,7 +40,13 @@ class Settings(BaseSettings):
     models: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="model bundle folders to serve (comma-separated or JSON list)")
     backend: BackendChoice = Field(
-        "auto", description="auto picks the fastest available: TensorRT engine > ONNX Runtime CUDA > CPU")
+        "auto", description="auto picks the fastest available: TensorRT engine > ONNX Runtime CUDA > CPU; "
+        "triton sends batches to NVIDIA Triton Inference Server at DIFFAD_TRITON_URL (the gateway)")
+    triton_url: str | None = Field(
+        None, description="with DIFFAD_BACKEND=triton: http://HOST:8000 (HTTP) or grpc://HOST:8001 (gRPC)")
+    triton_health_interval_s: float = Field(
+        2.0, gt=0, le=300, description="with DIFFAD_BACKEND=triton: how often each model's readiness is asked of "
+        "Triton; a model Triton does not serve turns unready here too")
     max_batch_size: int = Field(8, ge=1, le=1024, description="largest batch the dynamic batcher forms")
     max_queue_delay_ms: float = Field(
         5.0, ge=0, le=10_000, description="how long the oldest queued request may wait for a batch to fill")
@@ -90,6 +96,12 @@ class Settings(BaseSettings):
         if any(not k.get_secret_value().strip() for k in keys):
             raise ValueError("API keys must not be empty strings")
         return keys
+
+    @model_validator(mode="after")
+    def _triton_needs_url(self) -> Settings:
+        if self.backend == "triton" and not self.triton_url:
+            raise ValueError("DIFFAD_BACKEND=triton needs DIFFAD_TRITON_URL (e.g. http://triton:8000)")
+        return self
 
     @property
     def max_queue_delay_s(self) -> float:
