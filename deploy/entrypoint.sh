@@ -2,10 +2,12 @@
 # Start the diffad inspection service (the image's ENTRYPOINT; it runs outside Docker too).
 #
 #   1. find the model bundles: DIFFAD_MODELS (comma-separated folders) if set, else DIFFAD_MODELS_DIR
-#      (default /models) when it is itself a bundle, else every folder in it that holds a bundle.json;
+#      (default /models) when it is itself a bundle, else every folder in it that holds a bundle.json, or
+#      that is a Triton model folder (config.pbtxt and numbered versions, as `diffad export-triton` writes:
+#      the service takes its newest version, and with DIFFAD_BACKEND=triton asks Triton for that version);
 #   2. build, for the GPU of this machine, any TensorRT engine those bundles lack, into DIFFAD_ENGINE_CACHE
-#      (`diffad engines`; the bundles may be read-only). Skipped when DIFFAD_BACKEND is onnxruntime or
-#      torch or DIFFAD_BUILD_ENGINES=0; `diffad engines` itself skips cleanly on a machine with no GPU or
+#      (`diffad engines`; the bundles may be read-only). Skipped when DIFFAD_BACKEND is onnxruntime, torch
+#      or triton (Triton runs the models) or DIFFAD_BUILD_ENGINES=0; `diffad engines` itself skips cleanly on a machine with no GPU or
 #      no TensorRT. A failed build stops the start only when DIFFAD_BACKEND=tensorrt; otherwise the
 #      service starts on ONNX Runtime;
 #   3. exec `diffad serve` on them, so the server replaces this shell and gets SIGTERM / SIGINT itself.
@@ -43,8 +45,16 @@ esac
 NL='
 '
 bundles=''
+is_triton_model() {  # a Triton model folder: config.pbtxt and at least one numbered version holding a bundle
+    [ -f "$1/config.pbtxt" ] || return 1
+    for version in "$1"/[0-9]*/; do
+        [ -f "${version}bundle.json" ] && return 0
+    done
+    return 1
+}
 add_bundle() {
-    [ -f "$1/bundle.json" ] || die "$1 is not a model bundle (no bundle.json there; make one with \`diffad export\`)"
+    [ -f "$1/bundle.json" ] || is_triton_model "$1" \
+        || die "$1 is not a model bundle (no bundle.json there; make one with \`diffad export\`)"
     bundles="$bundles$1$NL"
 }
 if [ -n "${DIFFAD_MODELS:-}" ]; then
@@ -69,7 +79,7 @@ else
     [ -d "$MODELS_DIR" ] || die "no models: $MODELS_DIR does not exist (mount the bundles there, or set DIFFAD_MODELS_DIR or DIFFAD_MODELS)"
     for dir in "$MODELS_DIR"/*/; do
         dir=${dir%/}
-        if [ -f "$dir/bundle.json" ]; then
+        if [ -f "$dir/bundle.json" ] || is_triton_model "$dir"; then
             add_bundle "$dir"
         fi
     done
@@ -83,7 +93,7 @@ log "$count model bundle(s): $(printf '%s' "$bundles" | tr '\n' ' ')"
 # --- 2. TensorRT engines for this GPU -----------------------------------------------------------
 build_engines() {
     case "$BACKEND" in
-        onnxruntime|torch) log "DIFFAD_BACKEND=$BACKEND: no TensorRT engines needed"; return 0 ;;
+        onnxruntime|torch|triton) log "DIFFAD_BACKEND=$BACKEND: no TensorRT engines needed"; return 0 ;;
     esac
     case "$BUILD_ENGINES" in
         0|false|no|off) log "DIFFAD_BUILD_ENGINES=$BUILD_ENGINES: not building TensorRT engines"; return 0 ;;

@@ -911,6 +911,25 @@ def test_entrypoint_takes_diffad_models_and_a_single_bundle_folder(stub):
     assert calls[2] == f"serve [{m}/a]"
 
 
+def test_entrypoint_serves_a_triton_repository_as_the_gateway(stub, tmp_path):
+    """DIFFAD_BACKEND=triton over a `diffad export-triton` repository: its model folders are the models (the
+    service takes each one's newest version), a folder without a numbered bundle is not, and no engines
+    are built: Triton runs the models."""
+    repo = tmp_path / "repo"
+    for name in ("weave", "grid"):
+        (repo / name / "3").mkdir(parents=True)
+        (repo / name / "3" / "bundle.json").write_text("{}")
+        (repo / name / "config.pbtxt").write_text('name: "x"')
+    (repo / "empty").mkdir()
+    (repo / "empty" / "config.pbtxt").write_text('name: "empty"')
+    result, calls = run_entrypoint(stub, DIFFAD_MODELS_DIR=str(repo), DIFFAD_BACKEND="triton")
+    assert result.returncode == 0, result.stderr
+    assert calls[0] == f"serve [{repo}/grid] [{repo}/weave]"
+    assert "DIFFAD_BACKEND=triton: no TensorRT engines needed" in result.stderr
+    result, _ = run_entrypoint(stub, DIFFAD_MODELS=str(repo / "empty"), DIFFAD_BACKEND="triton")
+    assert result.returncode == 2 and "is not a model bundle" in result.stderr
+
+
 @pytest.mark.parametrize("env, message", [
     ({"DIFFAD_MODELS_DIR": "/nonexistent/models"}, "does not exist"),
     ({"DIFFAD_MODELS_DIR": "/"}, "no model bundles found"),

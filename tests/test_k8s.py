@@ -350,18 +350,7 @@ def test_termination_grace_outlasts_prestop_and_the_servers_drain(rendered, over
             prestop_sleep_s(triton) + exit_timeout
 
 
-def _settings_check_params():
-    try:
-        from diffad.service.settings import Settings
-    except ImportError:
-        return OVERLAYS
-    gateway_pending = "triton_url" not in Settings.model_fields
-    return [pytest.param(o, marks=pytest.mark.xfail(gateway_pending, strict=True,
-                                                    reason="gateway settings land with the Triton backend"))
-            if o == "triton-gateway" else o for o in OVERLAYS]
-
-
-@pytest.mark.parametrize("overlay", _settings_check_params())
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_inspector_environment_names_real_settings_with_valid_values(rendered, overlay, monkeypatch):
     """A misspelt DIFFAD_ variable would be ignored silently; a bad value would stop the pod at start."""
     settings = pytest.importorskip("diffad.service.settings", reason="needs the serve extra (pydantic-settings)")
@@ -581,3 +570,9 @@ def test_triton_serves_the_gateways_url_from_its_model_repository(rendered):
     port = next(p for p in service["spec"]["ports"] if p["port"] == url.port)
     assert url.scheme == "http" and port["name"] == "http" and port["targetPort"] == "http"
     assert selects(service["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
+    # The gateway reads the same repository (each model's newest version is a bundle): its thresholds are
+    # those of the version it asks Triton for.
+    gateway = one(objects, "Deployment", INSPECTOR)
+    models = next(m for m in container(gateway, "inspector")["volumeMounts"] if m["mountPath"] == "/models")
+    gateway_volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    assert gateway_volumes[models["name"]]["persistentVolumeClaim"]["claimName"] == claim["claimName"]
