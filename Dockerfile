@@ -2,8 +2,10 @@
 # diffad inspection service images. Two targets:
 #
 #   gpu (default)  NVIDIA CUDA 12.8 runtime + cuDNN 9 on Ubuntu 24.04, Python 3.12: TensorRT 10 (Python wheels),
-#                  onnxruntime-gpu, cuda-python and the project with its `serve` and `gpu` extras.
-#   cpu            python:3.11-slim-bookworm: the project with its `serve` extra (ONNX Runtime on the CPU).
+#                  onnxruntime-gpu, cuda-python and the project with its `serve`, `gpu`, `triton` and `tracing`
+#                  extras.
+#   cpu            python:3.11-slim-bookworm: the project with its `serve`, `triton` and `tracing` extras (ONNX
+#                  Runtime on the CPU, or the gateway to Triton: DIFFAD_BACKEND=triton).
 #
 #   docker build -t diffad:gpu .                 # or: docker compose build
 #   docker build -t diffad:cpu --target cpu .
@@ -40,7 +42,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/diffad
 WORKDIR /src
 COPY --from=source /src/ ./
-RUN /opt/diffad/bin/pip install -c deploy/requirements/serve-cpu.txt ".[serve,tracing]" \
+RUN /opt/diffad/bin/pip install -c deploy/requirements/serve-cpu.txt ".[serve,triton,tracing]" \
  && /opt/diffad/bin/python deploy/verify_image.py --backend onnxruntime
 
 FROM ${CPU_BASE_IMAGE} AS cpu
@@ -88,7 +90,7 @@ COPY --from=source /src/ ./
 # `onnxruntime` package folder, so the CPU one is removed and the GPU one reinstalled over a clean folder.
 # tensorrt-cu12-libs is a stub on PyPI that fetches its wheel from NVIDIA's index: name that index directly.
 RUN /opt/diffad/bin/pip install --extra-index-url https://pypi.nvidia.com \
-        -c deploy/requirements/gpu-cu12.txt ".[serve,gpu,tracing]" \
+        -c deploy/requirements/gpu-cu12.txt ".[serve,gpu,triton,tracing]" \
  && /opt/diffad/bin/pip uninstall -y onnxruntime onnxruntime-gpu \
  && /opt/diffad/bin/pip install --no-deps -c deploy/requirements/gpu-cu12.txt onnxruntime-gpu \
  && /opt/diffad/bin/python deploy/verify_image.py --backend tensorrt

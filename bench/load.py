@@ -8,6 +8,13 @@ the batching gain read off one JSON object. Client and server share the machine:
 client's own cost is part of what is measured, so compare configurations, not absolute figures.
 
     diffad bench load bundles/dagm --concurrency 32 --seconds 20 --max-batch-size 8 --max-queue-delay-ms 5
+
+The gateway: `--backend triton --triton-url URL` over a model folder of the Triton repository (made by
+`diffad export-triton`; Triton already serving it), and `--compare-backend onnxruntime` to run the same
+batching configuration in-process in the same run, for the ratio.
+
+    diffad bench load triton-repo/dagm --backend triton --triton-url http://127.0.0.1:8000 \
+        --compare-backend onnxruntime --concurrency 16 --seconds 20
 """
 
 from __future__ import annotations
@@ -33,8 +40,14 @@ import numpy as np
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
     """The bundle and the backend of the server a benchmark starts."""
     p.add_argument("bundle", metavar="BUNDLE_DIR")
-    p.add_argument("--backend", default="onnxruntime", choices=("auto", "onnxruntime", "tensorrt", "torch"),
+    p.add_argument("--backend", default="onnxruntime", choices=("auto", "onnxruntime", "tensorrt", "torch", "triton"),
                    help="the server's backend (default onnxruntime)")
+    p.add_argument("--triton-url", metavar="URL", help="with --backend triton: the Triton server the gateway uses")
+
+
+def gateway_flags(backend: str, triton_url: str | None) -> list[str]:
+    """`diffad serve` flags for the gateway (--backend triton), none for the others."""
+    return ["--triton-url", triton_url] if backend == "triton" and triton_url else []
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--map", choices=("png", "none"), default="png", help="ask for the anomaly map (default png)")
     p.add_argument("--bare-seconds", type=float,
                    help="time the bare backend this long per batch size (default: half of --seconds, 0.5 to 10)")
+    p.add_argument("--compare-backend", choices=("auto", "onnxruntime", "tensorrt", "torch"),
+                   help="also run the batching configuration with this backend, same clients, in this run")
     p.add_argument("--json", metavar="FILE", help="also write the result to FILE")
 
 
@@ -59,18 +74,28 @@ def run(args) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of the benchmark's own
     if args.concurrency < 1 or args.max_batch_size < 1 or (args.requests is not None and args.requests < 1):
         raise ValueError("--concurrency, --max-batch-size and --requests must be positive")
-    bundle = load_bundle(args.bundle)
+    from ..export.triton import resolve_bundle_dir
+
+    if args.backend == "triton" and not args.triton_url:
+        raise ValueError("--backend triton needs --triton-url")
+    bundle = load_bundle(resolve_bundle_dir(args.bundle))
     payload = Path(args.image).read_bytes() if args.image else generated_png(bundle.input.size, bundle.input.channels)
-    configurations = [("batching", args.max_batch_size, args.max_queue_delay_ms), ("no-batching", 1, 0.0)]
+    configurations = [("batching", args.backend, args.max_batch_size, args.max_queue_delay_ms),
+                      ("no-batching", args.backend, 1, 0.0)]
+    if args.compare_backend:
+        configurations.append(("batching", args.compare_backend, args.max_batch_size, args.max_queue_delay_ms))
     runs = []
-    for mode, max_batch, delay_ms in configurations:
-        with ServerProcess(args.bundle, args.backend, max_batch, delay_ms, args.concurrency, args.threads) as server:
+    for mode, backend, max_batch, delay_ms in configurations:
+        with ServerProcess(args.bundle, backend, max_batch, delay_ms, args.concurrency, args.threads,
+                           extra_flags=gateway_flags(backend, args.triton_url)) as server:
             result = asyncio.run(drive(server.url, payload, args.concurrency, args.seconds, args.requests, args.map))
             result["server_backend"] = server.backend
-        runs.append({"mode": mode, "max_batch_size": max_batch, "max_queue_delay_ms": delay_ms, **result})
+        runs.append({"mode": mode, "backend": backend, "max_batch_size": max_batch, "max_queue_delay_ms": delay_ms,
+                     **result})
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     bare = bare_backend_throughput(bundle, args.backend, sorted({args.max_batch_size, 1}, reverse=True),
-                                   args.threads, seconds=args.bare_seconds or min(max(args.seconds / 2, 0.5), 10.0))
+                                   args.threads, seconds=args.bare_seconds or min(max(args.seconds / 2, 0.5), 10.0),
+                                   triton_url=args.triton_url)
     batching, plain = runs[0]["throughput_img_s"], runs[1]["throughput_img_s"]
     out = {
         "benchmark": "load", "model": bundle.name, "bundle": str(args.bundle),
@@ -81,6 +106,13 @@ def run(args) -> int:
         "machine": machine(), "runs": runs, "bare_backend": bare,
         "batching_speedup": round(batching / plain, 3) if plain else None,
     }
+    if args.compare_backend:
+        other = runs[2]["throughput_img_s"]
+        ratio = round(batching / other, 3) if other else None
+        out["comparison"] = {"backend": args.compare_backend, "throughput_img_s": other,
+                             f"{args.backend}_over_{args.compare_backend}": ratio}
+        if args.backend == "triton":
+            out["triton_url"] = args.triton_url
     emit(out, args.json)
     return 0
 
@@ -173,13 +205,13 @@ async def batch_size_sum_count(client) -> tuple[float, float]:
 
 
 def bare_backend_throughput(bundle, backend: str, batch_sizes: list[int], threads: int | None,
-                            seconds: float) -> list[dict]:
+                            seconds: float, triton_url: str | None = None) -> list[dict]:
     """The backend the server would open, called directly on random batches: the ceiling for the service."""
     from ..service.backends import open_backend
     from ..service.settings import Settings
     from .throughput import random_images, summarise, time_batches
 
-    settings = Settings(_env_file=None, models=[bundle.path], backend=backend, threads=threads)
+    settings = Settings(_env_file=None, models=[bundle.path], backend=backend, threads=threads, triton_url=triton_url)
     runner = open_backend(bundle, settings)
     rows = []
     try:

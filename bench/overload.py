@@ -30,7 +30,15 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from .load import ServerProcess, add_server_arguments, batch_size_sum_count, drive, generated_png, percentiles_ms
+from .load import (
+    ServerProcess,
+    add_server_arguments,
+    batch_size_sum_count,
+    drive,
+    gateway_flags,
+    generated_png,
+    percentiles_ms,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..export.bundle import load_bundle
+    from ..export.triton import resolve_bundle_dir
     from .throughput import emit, machine
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of the benchmark's own
@@ -57,11 +66,12 @@ def run(args) -> int:
     if (args.seconds <= 0 or args.concurrency < 1 or not multiples or min(multiples) <= 0
             or args.large_side < 1 or args.large_concurrency < 1):
         raise ValueError("--seconds, --concurrency, --multiples, --large-side and --large-concurrency must be positive")
-    bundle = load_bundle(args.bundle)
+    bundle = load_bundle(resolve_bundle_dir(args.bundle))
     payload = generated_png(bundle.input.size, bundle.input.channels)
 
     def server(**extra) -> ServerProcess:
-        flags = ["--request-timeout-s", str(args.timeout_s), "--drain-grace-s", str(args.drain_grace_s)]
+        flags = ["--request-timeout-s", str(args.timeout_s), "--drain-grace-s", str(args.drain_grace_s),
+                 *gateway_flags(args.backend, args.triton_url)]
         for name, value in extra.items():
             flags += [f"--{name.replace('_', '-')}", str(value)]
         return ServerProcess(args.bundle, args.backend, args.max_batch_size, 5.0, args.concurrency, args.threads,

@@ -5,7 +5,7 @@
 #   1. copy the files the Dockerfile copies (pyproject.toml, README.md, the package's folders, deploy/requirements/,
 #      deploy/verify_image.py) into a scratch folder, as the build context would hold them;
 #   2. a fresh virtual environment, then the Dockerfile's own command:
-#      pip install -c deploy/requirements/serve-cpu.txt ".[serve,tracing]"   (a wheel install, not editable);
+#      pip install -c deploy/requirements/serve-cpu.txt ".[serve,triton,tracing]"   (a wheel install, not editable);
 #   3. deploy/verify_image.py --backend onnxruntime: no torch or other training package, every serving
 #      module imports, pip check passes;
 #   4. tests/test_deploy.py's end-to-end test with that environment's `diffad`: deploy/entrypoint.sh starts
@@ -36,7 +36,7 @@ find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
 (
     cd "$work/src"
     PIP_DISABLE_PIP_VERSION_CHECK=1 "$work/venv/bin/pip" install --quiet \
-        -c deploy/requirements/serve-cpu.txt ".[serve,tracing]"
+        -c deploy/requirements/serve-cpu.txt ".[serve,triton,tracing]"
     "$work/venv/bin/python" deploy/verify_image.py --backend onnxruntime
 )
 

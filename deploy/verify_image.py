@@ -110,6 +110,17 @@ def check_backend(backend: str) -> list[str]:
             problems.append("the tensorrt Python package is missing")
         if importlib.util.find_spec("cuda") is None:
             problems.append("cuda-python is missing")
+    return problems + check_gateway()
+
+
+def check_gateway() -> list[str]:
+    """Both images can be the gateway (DIFFAD_BACKEND=triton): Triton's HTTP and gRPC clients import."""
+    problems = []
+    for name in ("tritonclient.http", "tritonclient.grpc"):
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - report whatever breaks the import
+            problems.append(f"cannot import {name} (the triton extra): {e!r}")
     return problems
 
 

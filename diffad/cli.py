@@ -210,8 +210,8 @@ SERVE_EPILOG = """\
 settings (environment, or a .env / DIFFAD_SETTINGS_FILE file; flags given here win):
   DIFFAD_MODELS DIFFAD_BACKEND DIFFAD_MAX_BATCH_SIZE DIFFAD_MAX_QUEUE_DELAY_MS DIFFAD_MAX_QUEUE_SIZE
   DIFFAD_REQUEST_TIMEOUT_S DIFFAD_MAX_UPLOAD_BYTES DIFFAD_MAX_IMAGE_PIXELS DIFFAD_THREADS DIFFAD_ENGINE_CACHE
-  DIFFAD_HOST DIFFAD_PORT DIFFAD_LOG_LEVEL, and DIFFAD_API_KEYS (comma-separated; no flag, to keep keys out
-  of the process list)
+  DIFFAD_TRITON_URL DIFFAD_TRITON_HEALTH_INTERVAL_S DIFFAD_HOST DIFFAD_PORT DIFFAD_LOG_LEVEL, and
+  DIFFAD_API_KEYS (comma-separated; no flag, to keep keys out of the process list)
 
 examples:
   diffad serve bundles/dagm --port 8000
@@ -238,8 +238,11 @@ def _add_service_verbs(verbs) -> None:
     p.add_argument("bundles", nargs="*", metavar="BUNDLE_DIR", help="model bundles (default: DIFFAD_MODELS)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
     p.add_argument("--port", type=int, help="default 8000")
-    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "torch"),
-                   help="auto (default): a TensorRT engine for this GPU, else ONNX Runtime CUDA, else CPU")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "torch", "triton"),
+                   help="auto (default): a TensorRT engine for this GPU, else ONNX Runtime CUDA, else CPU; triton: "
+                   "the gateway, batches run on Triton Inference Server at --triton-url")
+    p.add_argument("--triton-url", metavar="URL",
+                   help="with --backend triton: http://HOST:8000 or grpc://HOST:8001 (DIFFAD_TRITON_URL)")
     p.add_argument("--max-batch-size", type=_positive_int, help="largest dynamic batch (default 8)")
     p.add_argument("--max-queue-delay-ms", type=float, help="longest wait for a batch to fill (default 5)")
     p.add_argument("--max-queue-size", type=_positive_int, help="queued requests per model before 429 (default 256)")
@@ -429,7 +432,7 @@ def _serve(args) -> int:
     flags = {name: getattr(args, name) for name in (
         "host", "port", "backend", "max_batch_size", "max_queue_delay_ms", "max_queue_size", "request_timeout_s",
         "max_upload_bytes", "max_image_pixels", "threads", "drain_grace_s", "engine_cache", "log_level",
-        "log_format")}
+        "log_format", "triton_url")}
     settings = load_settings(models=args.bundles or None, **flags)
     serve(settings)
     return 0

@@ -454,8 +454,8 @@ def test_dockerfile_default_target_is_gpu_and_installs_no_torch():
     text = DOCKERFILE.read_text()
     installs = {name: " ".join(rest for w, rest in stage if w == "RUN" and "pip install" in rest)
                 for name, stage in stages.items()}
-    assert '-c deploy/requirements/serve-cpu.txt ".[serve,tracing]"' in installs["cpu-build"]
-    assert '-c deploy/requirements/gpu-cu12.txt ".[serve,gpu,tracing]"' in installs["gpu-build"]
+    assert '-c deploy/requirements/serve-cpu.txt ".[serve,triton,tracing]"' in installs["cpu-build"]
+    assert '-c deploy/requirements/gpu-cu12.txt ".[serve,gpu,triton,tracing]"' in installs["gpu-build"]
     for name, command in installs.items():
         assert "torch" not in command, name
         for extras in re.findall(r'"\.\[([^\]]*)\]"', command):

@@ -2,33 +2,25 @@
 real tritonserver.
 
 The binary comes from PyPI's nvidia-pytriton wheel (`make install` adds it on Linux x86-64). That build has
-the Python backend only, so the served model is a Python-backend twin of the exported one (tests/triton_twin:
-the same model.onnx with ONNX Runtime, the exported config with its backend swapped); the exported config
-itself goes through Triton's own parser (it gets as far as looking for the onnxruntime backend library) and
-through model_config.proto. Where the wheel cannot run, the Triton tests skip and say why;
-DIFFAD_TRITON_REQUIRED=1 (.ci/run) makes that a failure.
+the Python backend only, so the served model is a Python-backend twin of the exported one
+(diffad.benchmarks.local_triton: the same model.onnx with ONNX Runtime, the exported config with its
+backend swapped); the exported config itself goes through Triton's own parser (it gets as far as looking
+for the onnxruntime backend library) and through model_config.proto. Where the wheel cannot run, the
+Triton tests skip and say why; DIFFAD_TRITON_REQUIRED=1 (.ci/run) makes that a failure.
 """
 
 import asyncio
 import contextlib
-import importlib.util
 import io
 import json
 import os
-import platform
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import sysconfig
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from diffad.benchmarks.local_triton import TritonServer, find_tritonserver, free_port, twin_repository
 from diffad.export.bundle import load_bundle, seal_bundle
 from diffad.export.triton import (
     CONFIG_FILE,
@@ -45,7 +37,6 @@ from test_service import SIZE, make_settings, make_tiny_bundle, serving
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
-TWIN = Path(__file__).parent / "triton_twin" / "model.py"
 REQUIRED = os.environ.get("DIFFAD_TRITON_REQUIRED") == "1"
 
 
@@ -201,119 +192,6 @@ def test_tritons_errors_become_the_services(message, status, expected):
 
 
 # --- a real tritonserver ---------------------------------------------------------------------------
-def find_tritonserver() -> tuple[dict | None, str]:
-    """Where the wheel's tritonserver, its libraries and this Python's backend stub are, or why not."""
-    if sys.platform != "linux" or platform.machine() != "x86_64":
-        return None, f"the nvidia-pytriton wheel's tritonserver is for Linux x86-64, this is {sys.platform} " \
-                     f"{platform.machine()}"
-    spec = importlib.util.find_spec("pytriton")  # found, not imported: only the binary is used
-    if spec is None or not spec.submodule_search_locations:
-        return None, "the nvidia-pytriton wheel is not installed (`make install` adds it: pip install --no-deps " \
-                     "nvidia-pytriton==0.7.0)"
-    root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
-    libs = root.parents[1] / "nvidia_pytriton.libs"
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    paths = {"binary": root / "bin" / "tritonserver", "libs": libs,
-             "backend": root / "backends" / "python",
-             "stub": root / "python_backend_stubs" / version / "triton_python_backend_stub"}
-    missing = [str(p) for p in paths.values() if not p.exists()]
-    if missing:
-        return None, f"the nvidia-pytriton wheel lacks {', '.join(missing)}"
-    ldd = subprocess.run(["ldd", str(paths["stub"])], capture_output=True, text=True,
-                         env={**os.environ, "LD_LIBRARY_PATH": str(libs)})
-    unresolved = [line.split()[0] for line in ldd.stdout.splitlines() if "not found" in line]
-    if ldd.returncode != 0 or unresolved:
-        return None, f"Triton's Python {version} backend stub cannot load here: {', '.join(unresolved) or ldd.stderr}" \
-                     f" not found (it needs the system's libpython{version}.so)"
-    return paths, ""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class TritonServer:
-    """tritonserver on 127.0.0.1 over a repository, its Python backend set up in a folder of its own."""
-
-    def __init__(self, paths: dict, repo: Path, workdir: Path, *extra_args: str):
-        self.paths, self.repo, self.extra_args = paths, repo, extra_args
-        self.backends = workdir / "backends"
-        python = self.backends / "python"
-        python.mkdir(parents=True, exist_ok=True)
-        for item in paths["backend"].iterdir():
-            if not (python / item.name).exists():
-                (python / item.name).symlink_to(item)
-        if not (python / "triton_python_backend_stub").exists():
-            (python / "triton_python_backend_stub").symlink_to(paths["stub"])
-        self.log_path = workdir / "tritonserver.log"
-        self.process = None
-        self.http_port = self.grpc_port = self.metrics_port = None
-
-    def start(self, timeout_s: float = 90.0, same_ports: bool = False) -> None:
-        if not same_ports:
-            self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
-        env = {**os.environ, "LD_LIBRARY_PATH": str(self.paths["libs"]),
-               "TWIN_PYTHONPATH": os.pathsep.join([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])}
-        self.process = subprocess.Popen(
-            [str(self.paths["binary"]), f"--model-repository={self.repo}", f"--backend-directory={self.backends}",
-             f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
-             "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
-             "--exit-timeout-secs=5", *self.extra_args],
-            stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited ({self.process.returncode}):\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"tritonserver not ready in {timeout_s:g} s:\n{self.log_tail()}")
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-    def post(self, path: str) -> tuple[int, str]:
-        request = urllib.request.Request(self.http_url + path, data=b"{}", method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=30) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    def metrics(self) -> dict[str, float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        values = {}
-        for line in text.splitlines():
-            if line.startswith("nv_inference_") and "{" in line:
-                name, rest = line.split("{", 1)
-                labels, value = rest.rsplit("} ", 1)
-                values[f"{name}{{{labels}}}"] = float(value)
-        return values
-
-    def log_tail(self, lines: int = 40) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(line for line in text.splitlines() if "nvml" not in line.lower()
-                         and "dcgm" not in line.lower())[-6000:].rsplit("\n", lines)[-1] if text else ""
-
-
 @pytest.fixture(scope="module")
 def tritonserver_paths():
     paths, why = find_tritonserver()
@@ -322,23 +200,6 @@ def tritonserver_paths():
             pytest.fail(f"DIFFAD_TRITON_REQUIRED=1 but {why}")
         pytest.skip(why)
     return paths
-
-
-def twin_repository(production_repo: Path, out: Path, delays: dict[str, float] | None = None) -> Path:
-    """The exported repository with each model's backend swapped for the Python twin (same model.onnx)."""
-    shutil.copytree(production_repo, out)
-    for model_dir in out.iterdir():
-        config = (model_dir / CONFIG_FILE).read_text()
-        assert 'backend: "onnxruntime"' in config
-        config = config.replace('backend: "onnxruntime"', 'backend: "python"')
-        delay = (delays or {}).get(model_dir.name)
-        if delay:
-            config += f'parameters {{ key: "twin_delay_s" value: {{ string_value: "{delay}" }} }}\n'
-        (model_dir / CONFIG_FILE).write_text(config)
-        for version in model_dir.iterdir():
-            if version.is_dir():
-                shutil.copy(TWIN, version / "model.py")
-    return out
 
 
 def test_tritons_own_parser_accepts_the_exported_config(bundle_dir, tritonserver_paths, tmp_path):

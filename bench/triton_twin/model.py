@@ -25,11 +25,13 @@ class TritonPythonModel:
         self.outputs = [o["name"] for o in config["output"]]
         self.input = config["input"][0]["name"]
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        parameters = config.get("parameters", {})
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
+        options.intra_op_num_threads = int(parameters.get("twin_threads", {}).get("string_value", "0"))  # 0: ORT's
+        options.inter_op_num_threads = 1  # as the service's own ONNX Runtime backend
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         # A slow twin lets a test fill Triton's queue.
-        self.delay_s = float(config.get("parameters", {}).get("twin_delay_s", {}).get("string_value", "0"))
+        self.delay_s = float(parameters.get("twin_delay_s", {}).get("string_value", "0"))
 
     def execute(self, requests):
         arrays = [np.from_dlpack(pb_utils.get_input_tensor_by_name(r, self.input)) for r in requests]
