@@ -365,3 +365,40 @@ def test_a_gateway_bundle_that_triton_does_not_serve_is_refused(gateway_repo, tr
         TritonBackend(load_bundle(other), settings.triton_url, 5.0)
     with pytest.raises(BackendUnavailable, match="unreachable"):
         TritonBackend(load_bundle(gateway_repo[0] / "weave" / "1"), f"http://127.0.0.1:{free_port()}", 2.0)
+
+
+def test_a_new_version_rolls_out_through_triton_and_the_gateways_reload(bundle_dir, tritonserver_paths, tmp_path):
+    """The documented rollout: export version 2 next to 1 (Triton keeps the newest two), Triton loads it,
+    then each gateway's reload moves it to version 2; until then it keeps asking for version 1."""
+    repo = tmp_path / "repo"
+    export_model(bundle_dir, repo, TritonOptions(kind="cpu"))
+    twin = twin_repository(repo, tmp_path / "twin")
+    server = TritonServer(tritonserver_paths, twin, tmp_path, "--model-control-mode=explicit", "--load-model=*")
+    server.start()
+    newer = renamed_copy(bundle_dir, tmp_path / "v2", "weave", perturb_onnx=True)
+
+    async def scenario():
+        async with serving(gateway_settings(repo, server.http_url)) as (_, c):
+            png = {"file": ("p.png", upload(0), "image/png")}
+            before = (await c.post("/inspect?map=none", files=png)).json()
+            assert (await c.post("/models/weave/reload")).json()["reloaded"] is False  # nothing new yet
+            assert export_model(newer, repo, TritonOptions(kind="cpu"))["version"] == 2
+            shutil.rmtree(twin)
+            twin_repository(repo, twin)
+            # Triton has not loaded version 2 yet: the gateway refuses it and keeps serving version 1
+            refused = await c.post("/models/weave/reload")
+            assert refused.status_code == 409 and "version 2" in refused.json()["detail"], refused.text
+            assert (await c.post("/inspect?map=none", files=png)).json()["model_version"] == before["model_version"]
+            assert (await asyncio.to_thread(server.post, "/v2/repository/models/weave/load"))[0] == 200
+            reload = await c.post("/models/weave/reload")
+            after = (await c.post("/inspect?map=none", files=png)).json()
+            return before, reload, after
+
+    try:
+        before, reload, after = asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert reload.status_code == 200 and reload.json()["reloaded"] is True, reload.text
+    assert before["model_version"] == load_bundle(bundle_dir).version
+    assert after["model_version"] == load_bundle(newer).version != before["model_version"]
+    assert after["image_score"] == pytest.approx(before["image_score"], abs=1e-6)  # the same graph, re-exported
