@@ -98,7 +98,8 @@ def run(args) -> int:
                                    triton_url=args.triton_url)
     batching, plain = runs[0]["throughput_img_s"], runs[1]["throughput_img_s"]
     out = {
-        "benchmark": "load", "model": bundle.name, "bundle": str(args.bundle),
+        "benchmark": "load", "command": getattr(args, "command", None), "model": bundle.name,
+        "bundle": str(args.bundle),
         "input": [bundle.input.channels, bundle.input.size, bundle.input.size], "backend": args.backend,
         "concurrency": args.concurrency, "measure": ({"requests": args.requests} if args.requests
                                                      else {"seconds": args.seconds}),
