@@ -6,7 +6,9 @@ Phases, each on a fresh `diffad serve` subprocess (so that its peak memory is th
 2. open-loop arrivals at 1x, 2x and 5x that capacity (`--multiples`) with the server's request timeout
    (`--timeout-s`): goodput (answers 200 per second), 429 and 504 counts and their latencies, images the
    backend computed that nobody received (from diffad_batch_size), and the server's peak resident memory;
-3. large images: `--large-concurrency` clients sending a `--large-side` px PNG with its full-size map;
+3. large images: `--large-concurrency` clients sending a `--large-side` px PNG with its full-size map, the
+   server at its default request timeout (30 s; `--large-timeout-s`): every request answered, and the peak
+   resident memory;
 4. SIGTERM under load: arrivals at 1x; the server gets SIGTERM halfway and the clients stop sending when
    its grace ends (a load balancer that watched /readyz has gone by then); answered (200), refused (503)
    and lost (connection errors) requests are counted.
@@ -52,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="backend intra-op threads")
     p.add_argument("--large-side", type=int, default=4000, help="side of the large-image phase's PNG (default 4000)")
     p.add_argument("--large-concurrency", type=int, default=8, help="its clients (default 8)")
+    p.add_argument("--large-timeout-s", type=float, default=30.0,
+                   help="the server's request timeout in the large-image phase (default 30, the service's own)")
     p.add_argument("--drain-grace-s", type=float, default=2.0, help="the server's grace after SIGTERM (default 2)")
     p.add_argument("--json", metavar="FILE", help="also write the result to FILE")
 
@@ -90,12 +94,12 @@ def run(args) -> int:
         phases[f"{multiple:g}x"] = {"multiple": multiple, **result}
         print(json.dumps({f"{multiple:g}x": summary_line(result)}), file=sys.stderr, flush=True)
     large = large_png(args.large_side, bundle.input.channels)
-    with server() as s:
+    with server(request_timeout_s=args.large_timeout_s) as s:  # flags given last win
         result = asyncio.run(drive(s.url, large, args.large_concurrency, args.seconds, None, "png",
                                    warmup_requests=0))
         result["peak_rss_mib"] = s.peak_rss_mib()
     phases["large_images"] = {"side": args.large_side, "png_bytes": len(large), "concurrency": args.large_concurrency,
-                              **result}
+                              "request_timeout_s": args.large_timeout_s, **result}
     with server() as s:
         phases["sigterm"] = asyncio.run(open_loop(s, payload, rate, args.seconds, sigterm_after_s=args.seconds / 2,
                                                   stop_sending_after_s=args.seconds / 2 + args.drain_grace_s))

@@ -72,9 +72,10 @@ PROMETHEUS_SERIES = {"up", "ALERTS", "ALERTS_FOR_STATE"}
 PINNED_IMAGE = re.compile(r"^[\w./-]+:[\w.-]*\d[\w.-]*@sha256:[0-9a-f]{64}$")
 
 
-def missing_tool(name: str, why: str):
-    """Skip (or, under DIFFAD_DEPLOY_STRICT=1, fail) a test whose tool is not installed."""
-    message = f"{name} is not installed ({why}); deploy/install-check-tools.sh installs it"
+def missing_tool(name: str, why: str, remedy: str = "; deploy/install-check-tools.sh installs it"):
+    """Skip (or, under DIFFAD_DEPLOY_STRICT=1 or DIFFAD_DEPLOY_REQUIRE naming it, fail) a test whose tool is
+    not installed."""
+    message = f"{name} is not installed ({why}){remedy}"
     if STRICT:
         pytest.fail(message + " [DIFFAD_DEPLOY_STRICT=1]")
     if name in REQUIRED_TOOLS:

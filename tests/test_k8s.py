@@ -28,6 +28,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+from test_deploy import missing_tool as deploy_missing_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -55,18 +56,11 @@ IMAGE_OF_OVERLAY = {"gpu": "diffad:gpu", "cpu": "diffad:cpu", "triton-gateway": 
 BACKEND_OF_OVERLAY = {"gpu": "auto", "cpu": "onnxruntime", "triton-gateway": "triton"}
 GPU_RESOURCE = "nvidia.com/gpu"
 
-STRICT = os.environ.get("DIFFAD_DEPLOY_STRICT") == "1"
-REQUIRED_TOOLS = {t.strip() for t in os.environ.get("DIFFAD_DEPLOY_REQUIRE", "").split(",") if t.strip()}
 
 
 def missing_tool(name: str, why: str):
-    """Skip (or, under DIFFAD_DEPLOY_STRICT=1 or DIFFAD_DEPLOY_REQUIRE naming it, fail) a test without its tool."""
-    message = f"{name} is not installed ({why})"
-    if STRICT:
-        pytest.fail(message + " [DIFFAD_DEPLOY_STRICT=1]")
-    if name in REQUIRED_TOOLS:
-        pytest.fail(message + f" [DIFFAD_DEPLOY_REQUIRE names {name}]")
-    pytest.skip(message)
+    """Skip (or fail, where the deployment checks are required) a test without its tool: test_deploy's rule."""
+    deploy_missing_tool(name, why, remedy="")
 
 
 def need_module(name: str):
