@@ -144,6 +144,8 @@ class BodySizeLimitMiddleware:
         detail = f"request body larger than {max_bytes} bytes"
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
+                # Read and dropped (never parsed), so that a client still sending reads the 413, not a reset.
+                await _discard_body(scope, receive, TOO_LARGE_DISCARD_LIMIT)
                 response = JSONResponse({"detail": detail}, status_code=413, headers={"Connection": "close"})
                 return await response(scope, receive, send)
         received = 0
@@ -201,7 +203,7 @@ class AdmissionMiddleware:
             full = isinstance(e, QueueFullError)
             detail = queue_full_detail(runtime, self.settings) if full else "the service is shutting down"
             headers = {"Retry-After": str(e.retry_after_s) if full else "1"}
-            if await _discard_small_body(scope, receive):
+            if await _discard_body(scope, receive, DISCARD_BODY_LIMIT):
                 # A client still sending would read a reset, not the answer: a small body is read and
                 # dropped (never parsed or decoded); a large one is left unread and the connection closed.
                 headers["Connection"] = "close"
@@ -215,17 +217,21 @@ class AdmissionMiddleware:
 
 
 # A refused upload up to this size is read and dropped so that its client reads the refusal; above, the
-# connection is closed instead of spending the transfer.
+# connection is closed instead of spending the transfer. A 429 under overload must stay cheap: 1 MiB. A
+# 413 is rare and its client would otherwise see only a reset: up to 64 MiB (nginx's lingering close too
+# reads what a refused client still sends), never buffered, never parsed.
 DISCARD_BODY_LIMIT = 1 << 20
+TOO_LARGE_DISCARD_LIMIT = 64 << 20
 
 
-async def _discard_small_body(scope: Scope, receive: Receive) -> bool:
-    """Read and drop the request body when it is declared and small; True when it was left unread."""
+async def _discard_body(scope: Scope, receive: Receive, limit: int) -> bool:
+    """Read and drop the request body when it is declared and at most `limit` bytes; True when it was left
+    unread."""
     declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-    if declared is None or not declared.isdigit() or int(declared) > DISCARD_BODY_LIMIT:
+    if declared is None or not declared.isdigit() or int(declared) > limit:
         return True
     received = 0
-    while received <= DISCARD_BODY_LIMIT:
+    while received <= limit:
         message = await receive()
         if message["type"] != "http.request":
             return True

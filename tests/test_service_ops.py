@@ -5,6 +5,7 @@ The TensorRT engine itself is built only where a GPU and the tensorrt package ar
 bookkeeping (sidecars, matching, refusals) is tested everywhere, with the GPU and TensorRT version given.
 """
 
+import asyncio
 import json
 import logging
 import os
@@ -312,6 +313,37 @@ def queue_depth(url) -> float:
     text = httpx.get(url + "/metrics", timeout=5).text
     return sum(s.value for f in text_string_to_metric_families(text) if f.name == "diffad_queue_depth"
                for s in f.samples)
+
+
+def test_an_upload_over_the_limit_is_answered_413_over_a_real_socket(bundle_dir, tmp_path):
+    """Clients still sending their too-large uploads read the 413 (the body is read and dropped, up to 64 MiB),
+    not a connection reset; the server goes on serving."""
+    process, url = start_server(bundle_dir, tmp_path / "server.log", "--max-upload-bytes", "100000")
+    too_large = os.urandom(24 << 20)  # 24 MiB, far over the limit: refused from its Content-Length
+
+    async def clients():
+        statuses = []
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            async def one():
+                for _ in range(2):
+                    try:
+                        r = await client.post("/inspect?map=none", files={"file": ("big.png", too_large, "image/png")})
+                        statuses.append((r.status_code, r.json()["detail"]))
+                    except httpx.HTTPError as e:
+                        statuses.append((type(e).__name__, ""))
+            await asyncio.gather(*(one() for _ in range(4)))
+        return statuses
+
+    try:
+        statuses = asyncio.run(clients())
+        assert [s for s, _ in statuses] == [413] * 8, statuses
+        assert all("request body larger than" in detail for _, detail in statuses)
+        fine = httpx.post(url + "/inspect?map=none", files={"file": ("ok.png", encode(noise_image(40, 40)),
+                                                                     "image/png")}, timeout=30)
+        assert fine.status_code == 200, fine.text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
 
 
 def test_sigterm_answers_503_on_an_open_port_for_the_grace_then_drains_and_exits(bundle_dir, tmp_path):
