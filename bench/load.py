@@ -157,6 +157,7 @@ async def drive(url: str, payload: bytes, concurrency: int, seconds: float, requ
             await asyncio.gather(*(one() for _ in range(min(concurrency, warmup - start))))
 
         batches_before = await batch_size_sum_count(client)
+        buckets_before = await request_duration_buckets(client)
         statuses: Counter = Counter()
         latencies: list[float] = []
         tickets = iter(range(requests)) if requests else None
@@ -182,11 +183,48 @@ async def drive(url: str, payload: bytes, concurrency: int, seconds: float, requ
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
         batches_after = await batch_size_sum_count(client)
+        buckets_after = await request_duration_buckets(client)
     images, batches = batches_after[0] - batches_before[0], batches_after[1] - batches_before[1]
+    histogram_p95 = histogram_quantile(0.95, {le: buckets_after[le] - buckets_before.get(le, 0.0)
+                                              for le in buckets_after})
     return {"requests": sum(statuses.values()), "ok": len(latencies), "statuses": dict(statuses),
             "seconds": round(elapsed, 3), "throughput_img_s": round(len(latencies) / elapsed, 2),
             "latency_ms": percentiles_ms(latencies),
+            # what Prometheus' histogram_quantile(0.95, ...) reads from diffad_request_duration_seconds over
+            # the same requests: the dashboard's and alerts' p95, beside the clients' own
+            "histogram_p95_ms": None if histogram_p95 is None else round(histogram_p95 * 1e3, 3),
             "server_mean_batch_size": round(images / batches, 3) if batches else None}
+
+
+async def request_duration_buckets(client) -> dict[float, float]:
+    """diffad_request_duration_seconds' cumulative bucket counts (upper bound -> count), summed over models."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families((await client.get("/metrics")).text):
+        if family.name == "diffad_request_duration_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    le = float(sample.labels["le"])
+                    buckets[le] = buckets.get(le, 0.0) + sample.value
+    return buckets
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """Prometheus' histogram_quantile: linear within the bucket that holds the q-th observation."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    rank = q * buckets[bounds[-1]]
+    lower, below = 0.0, 0.0
+    for upper in bounds:
+        count = buckets[upper]
+        if count >= rank:
+            if upper == float("inf"):
+                return lower  # as Prometheus: the highest finite bound
+            return lower + (upper - lower) * (rank - below) / (count - below) if count > below else upper
+        lower, below = upper, count
+    return lower
 
 
 async def batch_size_sum_count(client) -> tuple[float, float]:

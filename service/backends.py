@@ -223,8 +223,6 @@ class TritonBackend(Backend):
     not thread-safe.
     """
 
-    remote = True
-
     def __init__(self, bundle: Bundle, url: str, timeout_s: float):
         super().__init__(bundle)
         self.protocol, self.address = parse_triton_url(url)

@@ -73,8 +73,16 @@ def decode_image(data: bytes, size: int, channels: int, max_pixels: int) -> Deco
             if image.getexif().get(0x0112) in _TRANSPOSING_ORIENTATIONS:
                 width, height = height, width
             image.load()
-            oriented = ImageOps.exif_transpose(image)
             fmt = image.format
+            # In place and converted only when needed: a 7000x7000 RGB upload is 147 MB, each copy as much again.
+            ImageOps.exif_transpose(image, in_place=True)
+            decoded_size = image.size
+            try:
+                converted = to_mode(image, channels)  # the training's own conversion: 16-bit, palette, alpha, CMYK
+            except ValueError as e:  # a mode Pillow cannot convert (LAB to L, say)
+                raise ImageError(415, f"unsupported pixel mode {image.mode}: {str(e)[:200]}") from e
+            resized = converted.resize((size, size), Image.Resampling.BILINEAR)  # as in training (training/data.py)
+            del converted
     except ImageError:
         raise
     except Image.DecompressionBombError as e:  # Pillow's own limit trips first for the largest claims
@@ -83,14 +91,9 @@ def decode_image(data: bytes, size: int, channels: int, max_pixels: int) -> Deco
         raise ImageError(400, "the upload is not an image that can be decoded (PNG, JPEG, BMP or TIFF)") from e
     except Exception as e:  # truncated or corrupt data: Pillow's decoders raise many types
         raise ImageError(400, f"the image cannot be decoded: {type(e).__name__}: {str(e)[:200]}") from e
-    try:
-        converted = to_mode(oriented, channels)  # the training's own conversion: 16-bit, palette, alpha, CMYK
-    except ValueError as e:  # a mode Pillow cannot convert (LAB to L, say)
-        raise ImageError(415, f"unsupported pixel mode {oriented.mode}: {str(e)[:200]}") from e
-    resized = converted.resize((size, size), Image.Resampling.BILINEAR)  # as in training (training/data.py)
     array = np.asarray(resized, dtype=np.uint8)
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return DecodedImage(np.ascontiguousarray(array), width, height, fmt, oriented.size)
+    return DecodedImage(np.ascontiguousarray(array), width, height, fmt, decoded_size)
 
 
 def map_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
@@ -104,8 +107,11 @@ def map_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
 def encode_map_png(anomaly_map: np.ndarray, width: int, height: int) -> str:
     """A [1, H, W] (or [H, W]) map in [0, 1], resized to width x height, as base64 8-bit PNG (map * 255)."""
     values = np.asarray(anomaly_map, dtype=np.float32).reshape(anomaly_map.shape[-2:])
-    resized = Image.fromarray(values, "F").resize((width, height), Image.Resampling.BILINEAR)
-    pixels = np.clip(np.rint(np.asarray(resized) * 255.0), 0, 255).astype(np.uint8)
+    # Scaled (and offset by half a level) at the model's resolution, where it costs nothing: bilinear is
+    # linear, and Pillow's float-to-8-bit conversion clips and truncates, so this rounds to the nearest level
+    # without the full-size float copies a numpy round and clip would make (64 MB each for a 4000x4000 map).
+    scaled = Image.fromarray(values * np.float32(255.0) + np.float32(0.5), "F")
+    pixels = scaled.resize((width, height), Image.Resampling.BILINEAR).convert("L")
     buffer = io.BytesIO()
-    Image.fromarray(pixels, "L").save(buffer, "PNG", compress_level=3)  # level 3: near-best size, far faster
+    pixels.save(buffer, "PNG", compress_level=3)  # level 3: near-best size, far faster
     return base64.b64encode(buffer.getvalue()).decode("ascii")

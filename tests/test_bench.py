@@ -437,3 +437,14 @@ def test_readme_table_skips_non_quality_results(tmp_path):
     (tmp_path / "speed.json").write_text(json.dumps({"benchmark": "speed", "machine": "x"}))
     table = render_results_module().table(tmp_path)
     assert table.count("\n") == 1  # the header only: no rows, no machine line
+
+
+def test_histogram_quantile_reads_buckets_as_prometheus_does():
+    from diffad.benchmarks.load import histogram_quantile
+
+    buckets = {0.1: 10.0, 0.2: 30.0, 0.5: 38.0, float("inf"): 40.0}  # cumulative, as /metrics gives them
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.15)   # rank 20: halfway through (0.1, 0.2]
+    assert histogram_quantile(0.25, buckets) == pytest.approx(0.1)  # rank 10: the top of the first bucket
+    assert histogram_quantile(0.375, buckets) == pytest.approx(0.125)  # rank 15: a quarter into (0.1, 0.2]
+    assert histogram_quantile(0.99, buckets) == 0.5  # in +Inf: the highest finite bound, as Prometheus says
+    assert histogram_quantile(0.95, {0.1: 0.0, float("inf"): 0.0}) is None

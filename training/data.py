@@ -102,7 +102,8 @@ def to_mode(im: Image.Image, channels: int) -> Image.Image:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         im = Image.alpha_composite(background, rgba)
-    return im.convert("L" if channels == 1 else "RGB")
+    target = "L" if channels == 1 else "RGB"
+    return im if im.mode == target else im.convert(target)  # convert() to its own mode would copy the picture
 
 
 def read_image(path: str | Path, size: int, channels: int) -> np.ndarray:
