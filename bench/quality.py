@@ -65,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="learning-rate schedule over the budget, as in diffad train (default cosine)")
     p.add_argument("--anomaly-sources", metavar="LIST",
                    help="synthetic anomaly sources, as in diffad train (default: its default)")
+    p.add_argument("--perlin-scales", metavar="MIN,MAX",
+                   help="synthetic anomaly regions' Perlin scales, as in diffad train (default: its default)")
     p.add_argument("--crop", type=int,
                    help="train on random crops of this size, as in diffad train (default: the preset's; 0: none)")
     p.add_argument("--crops-per-image", type=int, help="crops per image and step (default: the preset's)")
@@ -117,6 +119,8 @@ def command_line(args) -> str:
               "--batch-size", str(args.batch_size), "--lr-schedule", args.lr_schedule]
     if args.anomaly_sources is not None:
         words += ["--anomaly-sources", args.anomaly_sources]
+    if getattr(args, "perlin_scales", None) is not None:
+        words += ["--perlin-scales", args.perlin_scales]
     if args.crop is not None:
         words += ["--crop", str(args.crop)]
     if args.crops_per_image is not None:
@@ -293,7 +297,7 @@ def run(args) -> int:
     from ..evaluation.evaluate import evaluate_run
     from ..training import trainer
     from ..training.data import find_test_samples
-    from ..training.synthesis import SynthesisConfig, parse_sources
+    from ..training.synthesis import SynthesisConfig, parse_perlin_scales, parse_sources
     from .throughput import emit, machine
 
     if (args.max_minutes <= 0 or (args.max_steps is not None and args.max_steps < 1) or args.batch_size < 1
@@ -332,7 +336,8 @@ def run(args) -> int:
                                crop=crop, crops_per_image=crops_per_image, precision=args.precision,
                                ema_decay=args.ema_decay,
                                **({"focal_gamma": args.focal_gamma} if args.focal_gamma is not None else {}),
-                               synthesis=SynthesisConfig(sources=parse_sources(args.anomaly_sources)))
+                               synthesis=SynthesisConfig(sources=parse_sources(args.anomaly_sources),
+                                                         **parse_perlin_scales(args.perlin_scales)))
     budget = {"max_minutes": args.max_minutes, "max_steps": args.max_steps, "batch_size": args.batch_size,
               "lr_schedule": args.lr_schedule, "device": device, "crop": crop,
               "crops_per_image": crops_per_image, "ema_decay": args.ema_decay,
@@ -373,6 +378,7 @@ def run(args) -> int:
             "onnxruntime": details.get("onnxruntime"),
             "budget": budget,
             "anomaly_sources": list(cfg.synthesis.sources),
+            "perlin_scales_log2": [cfg.synthesis.min_scale_log2, cfg.synthesis.max_scale_log2],
         }
         record = quality_record(f"{group}_seed{seed}", summary, evaluation, args.note, extra=extra)
         write_atomically(result, json.dumps(record, indent=2) + "\n")  # last: the run is finished

@@ -23,7 +23,7 @@ import numpy as np
 from diffad.benchmarks.throughput import emit, machine
 from diffad.models import checkpoint as ckpt
 from diffad.training.data import find_train_images, read_images
-from diffad.training.synthesis import estimate_foreground, parse_sources
+from diffad.training.synthesis import estimate_foreground, parse_perlin_scales, parse_sources
 from diffad.training.trainer import _train_config_from_dict, split_validation, validate
 
 
@@ -33,6 +33,9 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+", help="run folders, all trained on data_dir")
     parser.add_argument("--sources", action="append", required=True,
                         help="a comma-separated list of anomaly sources: one validation set (repeat the flag)")
+    parser.add_argument("--perlin-scales", action="append", metavar="MIN,MAX",
+                        help="also vary the anomaly regions' Perlin scales (repeat the flag): one validation set "
+                        "per sources list and scale range (default: the first run's)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
 
@@ -49,15 +52,20 @@ def main() -> None:
                    if first.synthesis.foreground == "auto" else None)
 
     results = {}
-    for text in args.sources:
-        synthesis = dataclasses.replace(first.synthesis, sources=parse_sources(text))
+    scale_ranges = args.perlin_scales or [None]
+    for text, scales in [(t, r) for t in args.sources for r in scale_ranges]:
+        synthesis = dataclasses.replace(first.synthesis, sources=parse_sources(text), **parse_perlin_scales(scales))
         *_, vset, _ = split_validation(args.data_dir, paths, images, foregrounds, channels,
                                        first.validation_fraction, synthesis)
-        results[",".join(synthesis.sources)] = {
+        label = ",".join(synthesis.sources) + f" @ perlin 2**{synthesis.min_scale_log2}..2**{synthesis.max_scale_log2}"
+        results[label] = {
             "validation": vset.source, "images": len(vset),
             "runs": {run: validate(model, vset) for run, model in models.items()}}
     out = {"data_dir": str(args.data_dir), "sets": results,
            "run_sources": {str(run): saved["train"]["synthesis"]["sources"] for run, saved in configs},
+           "run_perlin_scales_log2": {str(run): [saved["train"]["synthesis"]["min_scale_log2"],
+                                                 saved["train"]["synthesis"]["max_scale_log2"]]
+                                      for run, saved in configs},
            "machine": machine()}
     emit({"command": shlex.join(["python", *sys.argv]), **out}, args.json)
 

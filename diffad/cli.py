@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", choices=("auto", "none"), default="auto",
                    help="where anomalies may be painted: auto (estimated object, whole image for textures) "
                    "or none (whole image)")
+    p.add_argument("--perlin-scales", metavar="MIN,MAX",
+                   help="synthetic anomaly regions: Perlin lattice cells per axis from 2**MIN to 2**MAX (default "
+                   "0,5; a smaller MAX gives larger, smoother regions)")
     p.add_argument("--anomaly-sources", metavar="LIST",
                    help="what synthetic anomalies are filled with, comma-separated: self (the image, altered "
                    "and shuffled), smudge (the image blurred and darkened or lightened, soft-edged: stains, "
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     import dataclasses
 
-    from .training.synthesis import SynthesisConfig, parse_sources
+    from .training.synthesis import SynthesisConfig, parse_perlin_scales, parse_sources
     from .training.trainer import LEARNING_RATES, TrainConfig, crop_setting, train, training_device
 
     if args.max_steps is None and args.max_minutes is None:
@@ -358,7 +361,8 @@ def _train(args) -> int:
         ema_decay=args.ema_decay, validation_fraction=args.validation_fraction, validate_every=args.validate_every,
         standardize=not args.no_standardize,
         synthesis=dataclasses.replace(SynthesisConfig(), foreground=args.foreground, texture_dir=args.texture_dir,
-                                      sources=parse_sources(args.anomaly_sources)),
+                                      sources=parse_sources(args.anomaly_sources),
+                                      **parse_perlin_scales(args.perlin_scales)),
     )
     summary = train(args.data_dir, args.out, args.preset, args.image_size, args.channels, cfg, resume=args.resume)
     print(json.dumps(summary, indent=2))

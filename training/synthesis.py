@@ -521,6 +521,20 @@ def parse_sources(text: str | None) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+def parse_perlin_scales(text: str | None) -> dict[str, int]:
+    """A command line's "0,3" -> {"min_scale_log2": 0, "max_scale_log2": 3} (Perlin lattice cells per axis
+    from 2**0 to 2**3: fewer cells, larger regions); None -> {} (the defaults)."""
+    if text is None:
+        return {}
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"--perlin-scales takes MIN,MAX (log2 of the lattice cells per axis, e.g. 0,3), got {text!r}")
+    low, high = int(parts[0]), int(parts[1])
+    if low > high:
+        raise ValueError(f"--perlin-scales needs MIN <= MAX, got {text!r}")
+    return {"min_scale_log2": low, "max_scale_log2": high}
+
+
 def _validate(config: SynthesisConfig) -> None:
     if not 0.0 <= config.probability <= 1.0:
         raise ValueError(f"probability must be in [0, 1], got {config.probability}")
