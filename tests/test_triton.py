@@ -338,7 +338,8 @@ def test_a_stopped_triton_answers_503_turns_the_model_unready_and_it_recovers(ga
                 == 200
             server.stop()
             gone = await c.post("/inspect?map=none", files={"file": ("p.png", upload(1), "image/png")})
-            assert gone.status_code == 503 and gone.headers["Retry-After"] == "1", gone.text
+            # Triton's refusal passed on, or (when the readiness watch saw it first) the model's own unready 503
+            assert gone.status_code == 503 and int(gone.headers["Retry-After"]) >= 1, gone.text
             deadline = time.monotonic() + 10
             while (ready := await c.get("/readyz")).status_code == 200:
                 assert time.monotonic() < deadline, "the model stayed ready without Triton"
