@@ -225,13 +225,14 @@ def test_tritons_own_parser_accepts_the_exported_config(bundle_dir, tritonserver
 
 @pytest.fixture(scope="module")
 def gateway_repo(bundle_dir, tmp_path_factory):
-    """The production repository (weave; slow: a queue of 1) and its twin, for one Triton."""
+    """The production repository (weave: 200 ms for a batch to fill, so that replicas sending at once are
+    merged even on a loaded machine; slow: 1 s a batch, a queue of 1) and its twin, for one Triton."""
     root = tmp_path_factory.mktemp("triton")
     slow = renamed_copy(bundle_dir, root / "bundles", "slow")
     repo = root / "repo"
-    export_repository([bundle_dir], repo, TritonOptions(kind="cpu", max_queue_delay_us=50_000, max_batch_size=8))
+    export_repository([bundle_dir], repo, TritonOptions(kind="cpu", max_queue_delay_us=200_000, max_batch_size=8))
     export_model(slow, repo, TritonOptions(kind="cpu", max_queue_size=1, max_batch_size=1))
-    return repo, twin_repository(repo, root / "twin", delays={"slow": 0.6})
+    return repo, twin_repository(repo, root / "twin", delays={"slow": 1.0})
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +309,7 @@ def test_replicas_share_triton_and_triton_batches_their_requests(gateway_repo, t
 
 
 def test_a_full_triton_queue_answers_429_with_retry_after(gateway_repo, triton):
-    """'slow' takes 0.6 s a batch with a queue of 1: of six gateways sending at once, some are refused."""
+    """'slow' takes 1 s a batch with a queue of 1: of six gateways sending at once, some are refused."""
     repo = gateway_repo[0]
 
     async def scenario():
