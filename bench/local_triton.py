@@ -135,9 +135,10 @@ class TritonServer:
         return values
 
     def log_tail(self, lines: int = 40) -> str:
+        """The log's last `lines` lines, without the GPU-monitoring warnings of a GPU-less machine."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(line for line in text.splitlines() if "nvml" not in line.lower()
-                         and "dcgm" not in line.lower())[-6000:].rsplit("\n", lines)[-1] if text else ""
+        kept = [line for line in text.splitlines() if "nvml" not in line.lower() and "dcgm" not in line.lower()]
+        return "\n".join(kept[-lines:])
 
 
 
