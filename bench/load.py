@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -156,8 +157,7 @@ async def drive(url: str, payload: bytes, concurrency: int, seconds: float, requ
         for start in range(0, warmup, concurrency):  # connections opened, first batches run
             await asyncio.gather(*(one() for _ in range(min(concurrency, warmup - start))))
 
-        batches_before = await batch_size_sum_count(client)
-        buckets_before = await request_duration_buckets(client)
+        before = await server_counters(client)
         statuses: Counter = Counter()
         latencies: list[float] = []
         tickets = iter(range(requests)) if requests else None
@@ -182,11 +182,10 @@ async def drive(url: str, payload: bytes, concurrency: int, seconds: float, requ
         started = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-        batches_after = await batch_size_sum_count(client)
-        buckets_after = await request_duration_buckets(client)
-    images, batches = batches_after[0] - batches_before[0], batches_after[1] - batches_before[1]
-    histogram_p95 = histogram_quantile(0.95, {le: buckets_after[le] - buckets_before.get(le, 0.0)
-                                              for le in buckets_after})
+        after = await server_counters(client)
+    images, batches = after.images - before.images, after.batches - before.batches
+    histogram_p95 = histogram_quantile(0.95, {le: count - before.request_buckets.get(le, 0.0)
+                                              for le, count in after.request_buckets.items()})
     return {"requests": sum(statuses.values()), "ok": len(latencies), "statuses": dict(statuses),
             "seconds": round(elapsed, 3), "throughput_img_s": round(len(latencies) / elapsed, 2),
             "latency_ms": percentiles_ms(latencies),
@@ -194,20 +193,6 @@ async def drive(url: str, payload: bytes, concurrency: int, seconds: float, requ
             # the same requests: the dashboard's and alerts' p95, beside the clients' own
             "histogram_p95_ms": None if histogram_p95 is None else round(histogram_p95 * 1e3, 3),
             "server_mean_batch_size": round(images / batches, 3) if batches else None}
-
-
-async def request_duration_buckets(client) -> dict[float, float]:
-    """diffad_request_duration_seconds' cumulative bucket counts (upper bound -> count), summed over models."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    buckets: dict[float, float] = {}
-    for family in text_string_to_metric_families((await client.get("/metrics")).text):
-        if family.name == "diffad_request_duration_seconds":
-            for sample in family.samples:
-                if sample.name.endswith("_bucket"):
-                    le = float(sample.labels["le"])
-                    buckets[le] = buckets.get(le, 0.0) + sample.value
-    return buckets
 
 
 def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
@@ -227,20 +212,30 @@ def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
     return lower
 
 
-async def batch_size_sum_count(client) -> tuple[float, float]:
-    """(images, batches) run so far, from the server's diffad_batch_size histogram."""
+@dataclass(frozen=True)
+class ServerCounters:
+    """What the server has counted so far, from one scrape of its /metrics."""
+
+    images: float   # computed, from diffad_batch_size's sum
+    batches: float  # and its count
+    request_buckets: dict[float, float]  # diffad_request_duration_seconds: upper bound -> cumulative count
+
+
+async def server_counters(client) -> ServerCounters:
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = (await client.get("/metrics")).text
-    total = count = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name == "diffad_batch_size":
-            for sample in family.samples:
-                if sample.name == "diffad_batch_size_sum":
-                    total += sample.value
-                elif sample.name == "diffad_batch_size_count":
-                    count += sample.value
-    return total, count
+    images = batches = 0.0
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families((await client.get("/metrics")).text):
+        for sample in family.samples:
+            if sample.name == "diffad_batch_size_sum":
+                images += sample.value
+            elif sample.name == "diffad_batch_size_count":
+                batches += sample.value
+            elif sample.name == "diffad_request_duration_seconds_bucket":  # summed over models
+                le = float(sample.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + sample.value
+    return ServerCounters(images, batches, buckets)
 
 
 def bare_backend_throughput(bundle, backend: str, batch_sizes: list[int], threads: int | None,

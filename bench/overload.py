@@ -35,11 +35,11 @@ import numpy as np
 from .load import (
     ServerProcess,
     add_server_arguments,
-    batch_size_sum_count,
     drive,
     gateway_flags,
     generated_png,
     percentiles_ms,
+    server_counters,
 )
 
 
@@ -135,7 +135,7 @@ async def open_loop(server: ServerProcess, payload: bytes, rate: float, seconds:
     latencies: dict[str, list[float]] = defaultdict(list)
     limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
     async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60.0) as client:
-        before = await batch_size_sum_count(client)
+        before = await server_counters(client)
 
         async def one() -> None:
             started = time.perf_counter()
@@ -162,14 +162,14 @@ async def open_loop(server: ServerProcess, payload: bytes, rate: float, seconds:
             await asyncio.sleep(0.002)
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - started
-        after = None if sigterm_after_s is not None else await batch_size_sum_count(client)
+        after = None if sigterm_after_s is not None else await server_counters(client)
     peak = server.peak_rss_mib() if not signalled else peak
     result = {"offered_img_s": round(rate, 2), "sent": sent, "seconds": round(elapsed, 3),
               "statuses": dict(statuses), "goodput_img_s": round(statuses["200"] / elapsed, 2),
               "latency_ms": {status: percentiles_ms(values) for status, values in sorted(latencies.items())},
               "peak_rss_mib": peak}
     if after is not None:
-        computed = after[0] - before[0]
+        computed = after.images - before.images
         result.update(computed_images=int(computed), computed_unanswered=int(computed - statuses["200"]))
     else:
         result.update(answered=statuses["200"], refused_503=statuses["503"],
