@@ -258,13 +258,9 @@ class TritonBackend(Backend):
 
     def _check_model(self) -> None:
         """Triton serves this model, ready, with the bundle's interface; else BackendUnavailable saying why."""
-        try:
-            ready = self.client.is_model_ready(self.model_name, self.model_version)
-        except Exception as e:
-            raise BackendUnavailable(f"Triton at {self.url} is unreachable: {type(e).__name__}: {e}") from e
-        if not ready:
-            raise BackendUnavailable(f"Triton at {self.url} does not serve {self._which()} (not loaded or not "
-                                     "ready yet): add it to the model repository with `diffad export-triton`")
+        why = self.check()
+        if why:
+            raise BackendUnavailable(why)
         config = self.client.get_model_config(self.model_name, self.model_version,
                                               **({"as_json": True} if self.protocol == "grpc" else {}))
         config = config.get("config", config)  # gRPC's JSON wraps it
@@ -285,15 +281,12 @@ class TritonBackend(Backend):
 
     def run(self, images):
         client = self._client_module
+        http = self.protocol == "http"
+        binary = {"binary_data": True} if http else {}  # HTTP's binary tensor extension; gRPC is binary anyway
         batch = client.InferInput(INPUT_NAME, list(images.shape), self._input_type)
-        outputs = [client.InferRequestedOutput(name) for name in (MAP_OUTPUT, SCORE_OUTPUT)]
-        if self.protocol == "http":
-            batch.set_data_from_numpy(np.ascontiguousarray(images), binary_data=True)
-            outputs = [client.InferRequestedOutput(name, binary_data=True) for name in (MAP_OUTPUT, SCORE_OUTPUT)]
-            call = {}
-        else:
-            batch.set_data_from_numpy(np.ascontiguousarray(images))
-            call = {"client_timeout": self.timeout_s}
+        batch.set_data_from_numpy(np.ascontiguousarray(images), **binary)
+        outputs = [client.InferRequestedOutput(name, **binary) for name in (MAP_OUTPUT, SCORE_OUTPUT)]
+        call = {} if http else {"client_timeout": self.timeout_s}  # HTTP's is the client's network_timeout
         try:
             result = self.client.infer(self.model_name, [batch], model_version=self.model_version,
                                        outputs=outputs, **call)
@@ -308,7 +301,7 @@ class TritonBackend(Backend):
 
     def upstream_error(self, error) -> Exception:
         """Triton's error as the service's: queue full 429, its timeout 504, not serving 503, else a failure."""
-        text = (error.message() if callable(getattr(error, "message", None)) else str(error)) or str(error)
+        text = error.message() or str(error)
         lower, status = text.lower(), str(error.status() or "").upper()
         if any(words in lower for words in _QUEUE_FULL):
             return UpstreamError(429, f"Triton's queue for {self.model_name} is full; retry in 1 s", retry_after_s=1)
@@ -323,9 +316,10 @@ class TritonBackend(Backend):
         try:
             if self.client.is_model_ready(self.model_name, self.model_version):
                 return None
-            return f"Triton at {self.url} reports {self._which()} not ready"
         except Exception as e:
-            return f"Triton at {self.url} is unreachable: {type(e).__name__}"
+            return f"Triton at {self.url} is unreachable: {type(e).__name__}: {str(e)[:200]}"
+        return (f"Triton at {self.url} does not serve {self._which()} (not loaded or not ready yet): add it to "
+                "the model repository with `diffad export-triton`")
 
     def close(self) -> None:
         try:

@@ -150,10 +150,7 @@ class ModelRegistry:
                 except Exception as e:  # a check that raises says as much as one that answers no
                     why = f"{type(e).__name__}: {e}"
                 if why and model.ready and model.backend is backend and not self.draining:
-                    model.state, model.error = RELOADING, why
-                    self.metrics.model_ready.labels(model.name).set(0)
-                    log.error("model %s turned unready: %s; opening it again", model.name, why)
-                    self._reopen_later(model, first_delay_s=0.0)
+                    self._turn_unready(model, why)
 
     async def _start_one(self, model: ModelRuntime) -> None:
         if not await self._open(model):
@@ -285,11 +282,15 @@ class ModelRegistry:
         model.consecutive_failures = 0 if ok else model.consecutive_failures + 1
         if (not ok and model.state == READY and not self.draining
                 and model.consecutive_failures >= self.settings.unhealthy_after_failures):
-            model.state = RELOADING
-            model.error = f"{model.consecutive_failures} batches failed in a row"
-            self.metrics.model_ready.labels(model.name).set(0)
-            log.error("model %s is unhealthy (%s): unready, opening its backend again", model.name, model.error)
-            self._reopen_later(model, first_delay_s=0.0)
+            self._turn_unready(model, f"{model.consecutive_failures} batches failed in a row")
+
+    def _turn_unready(self, model: ModelRuntime, why: str) -> None:
+        """A serving model that cannot serve (failed batches, or its remote server says so): unready at once,
+        its backend opened again (with backoff while that fails)."""
+        model.state, model.error = RELOADING, why
+        self.metrics.model_ready.labels(model.name).set(0)
+        log.error("model %s is unhealthy (%s): unready, opening its backend again", model.name, why)
+        self._reopen_later(model, first_delay_s=0.0)
 
     def _reopen_later(self, model: ModelRuntime, first_delay_s: float | None = None) -> None:
         if self.draining or (model.reopening is not None and not model.reopening.done()):
