@@ -163,23 +163,29 @@ def choose_engines(bundle: Bundle, options: TritonOptions) -> dict[str, str]:
 
 
 # --- the repository -------------------------------------------------------------------------------
+def _version_dirs(model_dir: Path) -> list[tuple[int, Path]]:
+    """The numbered version folders of a model folder that hold a bundle."""
+    if not model_dir.is_dir():
+        return []
+    return [(int(child.name), child) for child in model_dir.iterdir()
+            if child.is_dir() and child.name.isdigit() and (child / MANIFEST_FILE).is_file()]
+
+
 def existing_versions(model_dir: Path) -> dict[int, str]:
     """version number -> the bundle version (ONNX hash prefix) held there, for a model folder."""
     found = {}
-    if model_dir.is_dir():
-        for child in model_dir.iterdir():
-            if child.is_dir() and child.name.isdigit() and (child / MANIFEST_FILE).is_file():
-                try:
-                    found[int(child.name)] = load_bundle(child, verify=False).version
-                except BundleError:
-                    found[int(child.name)] = ""  # unreadable: keep its number taken, never match it
+    for number, folder in _version_dirs(model_dir):
+        try:
+            found[number] = load_bundle(folder, verify=False).version
+        except BundleError:
+            found[number] = ""  # unreadable: keep its number taken, never match it
     return found
 
 
 def latest_version_dir(model_dir: Path) -> Path | None:
     """The highest-numbered version folder that holds a bundle, or None."""
-    versions = existing_versions(model_dir)
-    return model_dir / str(max(versions)) if versions else None
+    versions = _version_dirs(model_dir)
+    return max(versions)[1] if versions else None
 
 
 def resolve_bundle_dir(path: str | Path) -> Path:
@@ -213,14 +219,14 @@ def export_model(bundle_dir: str | Path, repo: str | Path, options: TritonOption
         shutil.copytree(bundle.path, staging, ignore=shutil.ignore_patterns("*.tmp"))
         load_bundle(staging)  # the copy is whole
         os.replace(staging, version_dir)
-    newest = max(versions | {number: bundle.version})
-    if number == newest:  # config.pbtxt follows the newest version
+    newest = number >= max(versions, default=0)
+    if newest:  # config.pbtxt follows the newest version
         text = model_config(bundle, options, engine_files)
         tmp = model_dir / (CONFIG_FILE + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, model_dir / CONFIG_FILE)
     return {"model": bundle.name, "version": number, "bundle_version": bundle.version,
-            "new_version": not same, "config_updated": number == newest, "path": str(version_dir),
+            "new_version": not same, "config_updated": newest, "path": str(version_dir),
             "platform": "tensorrt_plan" if engine_files else "onnxruntime",
             "engines": engine_files or {}}
 
@@ -229,13 +235,11 @@ def export_repository(bundle_dirs: list[str | Path], repo: str | Path,
                       options: TritonOptions = TritonOptions()) -> list[dict]:
     """Every bundle into the repository; names must be unique among them."""
     names: dict[str, Path] = {}
-    bundles = []
     for path in bundle_dirs:
         bundle = load_bundle(path, verify=False)
         if bundle.name in names:
             raise TritonExportError(f"two bundles are named {bundle.name!r} ({names[bundle.name]} and {path}): "
                                     "export one of them again with --name")
         names[bundle.name] = Path(path)
-        bundles.append(path)
     Path(repo).mkdir(parents=True, exist_ok=True)
-    return [export_model(path, repo, options) for path in bundles]
+    return [export_model(path, repo, options) for path in bundle_dirs]
