@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-dtype", choices=("uint8", "float32"), default="uint8",
                    help="the graph's input: uint8 0..255 (default; the graph divides by 255) or float32 0..1")
     p.add_argument("--opset", type=int, help="ONNX opset, 18 or newer (default 18)")
+    p.add_argument("--no-fp16-graph", dest="fp16_graph", action="store_false",
+                   help="leave out model.fp16.onnx (the pipeline with both networks in fp16, checked against "
+                   "the fp32 graph), from which TensorRT 11 builds fp16 engines; TensorRT 10 does not need it")
     p.add_argument("--overwrite", action="store_true", help="replace BUNDLE_DIR if it exists")
     p.add_argument("--tensorrt", action="store_true",
                    help="also build a TensorRT engine for this GPU; without a GPU, the tensorrt package or "
@@ -389,7 +392,8 @@ def _export(args) -> int:
         raise ValueError(f"{flags} {'needs' if len(given) == 1 else 'need'} --tensorrt")
     engine = EngineOptions.from_partial(**given) if args.tensorrt else None  # checked before the export
     options = ExportOptions(input_dtype=args.input_dtype, name=args.name, overwrite=args.overwrite,
-                            tensorrt=engine, **({"opset": args.opset} if args.opset is not None else {}))
+                            tensorrt=engine, fp16_graph=args.fp16_graph,
+                            **({"opset": args.opset} if args.opset is not None else {}))
     try:
         manifest = export_bundle(args.run_dir, args.out, options)
     except (ParityError, EngineBuildError) as e:

@@ -2,6 +2,7 @@
 
     BUNDLE_DIR/bundle.json          what the model is, how to feed it, how to read its score, file hashes
     BUNDLE_DIR/model.onnx           the whole one-step pipeline as one graph (images in, map and score out)
+    BUNDLE_DIR/model.fp16.onnx      the same graph with both networks in fp16 (for TensorRT 11's fp16 engines)
     BUNDLE_DIR/model.safetensors    the PyTorch weights (so `diffad evaluate BUNDLE_DIR DATA` works too)
     BUNDLE_DIR/model.<gpu>.trt<version>.<fp16|fp32>.engine   TensorRT engines, where built
 
@@ -24,6 +25,7 @@ import numpy as np
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "bundle.json"
 ONNX_FILE = "model.onnx"
+ONNX_FP16_FILE = "model.fp16.onnx"  # the same pipeline with its networks in fp16 (TensorRT 11 fp16 engines)
 WEIGHTS_FILE = "model.safetensors"
 
 # The graph's interface, fixed by the bundle's schema.
@@ -96,6 +98,12 @@ class Bundle:
     @property
     def onnx_path(self) -> Path:
         return self.path / self.manifest["onnx"]["file"]
+
+    @property
+    def onnx_fp16_path(self) -> Path | None:
+        """The fp16 graph (networks in fp16, the rest fp32), or None for a bundle exported without one."""
+        block = self.manifest.get("onnx_fp16")
+        return self.path / block["file"] if block else None
 
     @property
     def version(self) -> str:

@@ -1,7 +1,9 @@
 """`diffad export`: a training run in, a checked model bundle out.
 
 1. load RUN_DIR/model.safetensors and export the one-step pipeline to ONNX (onnx_export.py);
-2. check ONNX Runtime against PyTorch at batch 1 and 8 on generated images (parity.py);
+2. check ONNX Runtime against PyTorch at batch 1 and 8 on generated images (parity.py); export the same
+   pipeline with both networks in fp16 (model.fp16.onnx, what TensorRT 11 builds fp16 engines from) and
+   check it against the fp32 graph within the fp16 bounds;
 3. write bundle.json: interface, method constants, calibrated threshold and score scale, training and
    validation summaries, parity figures, file hashes (bundle.py);
 4. with TensorRT requested and possible here, build and check an engine for this GPU (tensorrt_engine.py).
@@ -29,6 +31,7 @@ from ..models import checkpoint as ckpt
 from .bundle import (
     INPUT_DTYPES,
     ONNX_FILE,
+    ONNX_FP16_FILE,
     SCHEMA_VERSION,
     WEIGHTS_FILE,
     describe_input,
@@ -38,7 +41,16 @@ from .bundle import (
     seal_bundle,
 )
 from .onnx_export import DEFAULT_OPSET, MIN_OPSET, export_onnx
-from .parity import onnx_vs_torch, parity_images
+from .parity import (
+    TENSORRT_TOLERANCES,
+    as_graph_input,
+    compare,
+    log_report,
+    onnx_vs_torch,
+    onnxruntime_runner,
+    parity_images,
+    run_in_batches,
+)
 from .tensorrt_engine import EngineOptions, add_engine, join_words, missing_for_tensorrt
 
 log = logging.getLogger("diffad.export")
@@ -59,6 +71,7 @@ class ExportOptions:
     overwrite: bool = False                  # replace an existing BUNDLE_DIR
     tensorrt: EngineOptions | None = None    # also build a TensorRT engine (where possible)
     parity_batch_sizes: tuple[int, ...] = (1, 8)
+    fp16_graph: bool = True                  # also write model.fp16.onnx (TensorRT 11 builds fp16 from it)
 
     def __post_init__(self):  # fail before the slow part
         if self.input_dtype not in INPUT_DTYPES:
@@ -92,7 +105,10 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, options: ExportOptio
             raise ParityError("the ONNX graph does not match the PyTorch model: " + "; ".join(parity["failures"])
                               + f". No bundle was written to {out_dir}")
 
-        seal_bundle(staging, build_manifest(model, run_dir, options, {**onnx_info.to_dict(), "parity": parity}))
+        manifest = build_manifest(model, run_dir, options, {**onnx_info.to_dict(), "parity": parity})
+        if options.fp16_graph:
+            manifest["onnx_fp16"] = export_fp16_graph(model, staging, options, images)
+        seal_bundle(staging, manifest)
         if options.tensorrt is not None:
             missing = missing_for_tensorrt()
             if missing:
@@ -106,6 +122,22 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, options: ExportOptio
     bundle = load_bundle(out_dir)  # verify what landed, hashes included
     log.info("bundle written to %s (%s)", out_dir, ", ".join(bundle.manifest["files"]))
     return bundle.manifest
+
+
+def export_fp16_graph(model, staging: Path, options: ExportOptions, images) -> dict:
+    """model.fp16.onnx, checked in ONNX Runtime against the fp32 graph within the fp16 engine bounds."""
+    info = export_onnx(model, staging / ONNX_FP16_FILE, options.input_dtype, options.opset, network_dtype="float16")
+    graph_images = as_graph_input(images, options.input_dtype)
+    reference = run_in_batches(onnxruntime_runner(staging / ONNX_FILE), graph_images, 8, whole_batches_only=False)
+    parity = compare(reference, onnxruntime_runner(info.path), graph_images, options.parity_batch_sizes,
+                     TENSORRT_TOLERANCES["fp16"], "onnxruntime CPUExecutionProvider, model.onnx (fp32)",
+                     f"onnxruntime CPUExecutionProvider, {ONNX_FP16_FILE}")
+    log_report(parity)
+    if not parity["passed"]:
+        raise ParityError(f"{ONNX_FP16_FILE} (networks in fp16) strays from the fp32 graph: "
+                          + "; ".join(parity["failures"]) + ". Export with --no-fp16-graph to leave it out "
+                          "(fp16 TensorRT engines then need TensorRT 10)")
+    return {**info.to_dict(), "parity": parity}
 
 
 def build_manifest(model, run_dir: Path, options: ExportOptions, onnx_block: dict) -> dict:

@@ -16,7 +16,9 @@ com.microsoft fused operators (FusedConv, QuickGelu) that only ONNX Runtime's CP
 
 from __future__ import annotations
 
+import copy
 import logging
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ DEFAULT_OPSET = 18
 MIN_OPSET = 18
 OPTIMIZATION = "onnxruntime ORT_ENABLE_BASIC (offline, standard ONNX operators only)"
 EXAMPLE_BATCH = 2    # torch.export specialises a batch of 1; any other size keeps the axis symbolic
+NETWORK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 MAX_BATCH = 4096     # the symbolic batch's upper bound, recorded in the graph; engines choose their own
 
 
@@ -70,10 +73,12 @@ class OnnxExport:
     exporter: str
     optimization: str
     num_nodes: int
+    network_dtype: str = "float32"
 
     def to_dict(self) -> dict:
         return {"file": self.path.name, "opset": self.opset, "input_dtype": self.input_dtype,
-                "exporter": self.exporter, "optimization": self.optimization, "num_nodes": self.num_nodes}
+                "network_dtype": self.network_dtype, "exporter": self.exporter, "optimization": self.optimization,
+                "num_nodes": self.num_nodes}
 
 
 def example_batch(model: DiffusionAD, input_dtype: str, batch: int = EXAMPLE_BATCH) -> torch.Tensor:
@@ -86,12 +91,23 @@ def example_batch(model: DiffusionAD, input_dtype: str, batch: int = EXAMPLE_BAT
 
 
 def export_onnx(model: DiffusionAD, path: str | Path, input_dtype: str = "uint8",
-                opset: int = DEFAULT_OPSET) -> OnnxExport:
-    """Export, check and optimise the one-step pipeline into `path` (a single self-contained .onnx file)."""
+                opset: int = DEFAULT_OPSET, network_dtype: str = "float32") -> OnnxExport:
+    """Export, check and optimise the one-step pipeline into `path` (a single self-contained .onnx file).
+
+    network_dtype "float16" writes the mixed-precision graph that TensorRT 11 builds fp16 engines from (it
+    has no FP16 builder flag: a strongly typed network computes in the types the graph states): both networks
+    with fp16 weights and compute, everything DiffusionAD.set_network_dtype keeps in fp32 in fp32, the same
+    uint8 input and fp32 outputs. That graph is saved as the exporter wrote it: ONNX Runtime's offline
+    optimisation on the CPU would wrap every fp16 operator it lacks in Casts to fp32 and save them.
+    """
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be at least {MIN_OPSET}, got {opset}")
+    if network_dtype not in NETWORK_DTYPES:
+        raise ValueError(f"network dtype must be one of {', '.join(NETWORK_DTYPES)}, got {network_dtype!r}")
     path = Path(path)
     model = model.eval()  # BatchNorm must use its running statistics, not the batch's
+    if network_dtype != "float32":
+        model = copy.deepcopy(model).set_network_dtype(NETWORK_DTYPES[network_dtype])
     graph = InferenceGraph(model, input_dtype).eval()
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with tempfile.TemporaryDirectory(prefix="diffad-onnx-") as tmp:
@@ -107,12 +123,18 @@ def export_onnx(model: DiffusionAD, path: str | Path, input_dtype: str = "uint8"
         got = _default_opset(onnx.load(str(raw), load_external_data=False))
         if got != opset:
             raise RuntimeError(f"asked the exporter for opset {opset} but it produced opset {got}")
-        optimize_onnx(raw, path)
+        if network_dtype == "float32":
+            optimize_onnx(raw, path)
+        else:
+            shutil.copyfile(raw, path)
     check_interface(path, model.config.in_channels, model.config.image_size, input_dtype)
     num_nodes = len(onnx.load(str(path), load_external_data=False).graph.node)
-    log.info("wrote %s (%d nodes, %.1f MB)", path, num_nodes, path.stat().st_size / 1e6)
-    return OnnxExport(path, opset, input_dtype, f"torch.onnx dynamo (torch {torch.__version__})",
-                      f"{OPTIMIZATION}, onnxruntime {ort.__version__}", num_nodes)
+    log.info("wrote %s (%d nodes, %.1f MB, networks in %s)", path, num_nodes, path.stat().st_size / 1e6,
+             network_dtype)
+    optimization = (f"{OPTIMIZATION}, onnxruntime {ort.__version__}" if network_dtype == "float32"
+                    else "the exporter's own (onnxscript) only: see export_onnx")
+    return OnnxExport(path, opset, input_dtype, f"torch.onnx dynamo (torch {torch.__version__})", optimization,
+                      num_nodes, network_dtype)
 
 
 def optimize_onnx(source: Path, target: Path) -> None:

@@ -126,6 +126,24 @@ class DiffusionAD(nn.Module):
             kernel = gaussian_kernel(sigma) if sigma > 0 else torch.ones(1)
             self.map_kernel = kernel.to(self.map_kernel.device)
 
+    # --- precision -------------------------------------------------------------------------------
+    @property
+    def network_dtype(self) -> torch.dtype:
+        """The dtype the two networks compute in (float32 unless set_network_dtype changed it)."""
+        return self.segmentation.head.weight.dtype
+
+    def set_network_dtype(self, dtype: torch.dtype) -> DiffusionAD:
+        """Put the UNet and the segmentation network in dtype (fp16 or bf16 on a GPU); the rest stays fp32.
+
+        What is kept in fp32 is what fp16 would break: the input standardisation and the noising (a faint
+        texture is a small difference of large numbers), the x0 prediction (it divides by sqrt(alpha_bar),
+        amplifying the error at t_l), the guided blend and clip, and the sigmoid, smoothing and top-k score.
+        The networks take their input cast down and hand their output back cast up.
+        """
+        self.unet.to(dtype)
+        self.segmentation.to(dtype)
+        return self
+
     def _apply(self, fn, recurse=True):
         # model.to(device) moves parameters and buffers; the schedule's tables follow the device (not the
         # dtype: they stay float32) so that no step copies them from the host, which CUDA graphs forbid.
@@ -151,14 +169,22 @@ class DiffusionAD(nn.Module):
         x_tl = sched.q_sample(x, cfg.t_l, self.noise[1:2].expand_as(x))
         # made on the input's device: a host-to-device copy would break CUDA-graph capture
         t = torch.cat([torch.full((n,), cfg.t_s, device=x.device), torch.full((n,), cfg.t_l, device=x.device)])
-        eps = self.unet(torch.cat([x_ts, x_tl]), t)
+        eps = self._in_fp32(self.unet(self._to_network(torch.cat([x_ts, x_tl])), t))
         x0_s = sched.predict_x0(x_ts, cfg.t_s, eps[:n])
         x0_l = clamp(sched.predict_x0(x_tl, cfg.t_l, eps[n:]), self.pixel_bounds)
         return sched.guided_x0(x0_s, x0_l, cfg.t_s, cfg.w, self.pixel_bounds)
 
     def segment(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         """Anomaly logits [N, 1, H, W] for images and their reconstructions, both normalised."""
-        return self.segmentation(torch.cat([x, reconstruction], dim=1))
+        return self._in_fp32(self.segmentation(self._to_network(torch.cat([x, reconstruction], dim=1))))
+
+    def _to_network(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.network_dtype
+        return x if dtype == torch.float32 else x.to(dtype)
+
+    def _in_fp32(self, y: torch.Tensor) -> torch.Tensor:
+        # only where the networks run in a reduced dtype: training's autocast keeps its own casts
+        return y if self.network_dtype == torch.float32 else y.float()
 
     def anomaly_map(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         """The map in [0, 1]: the segmentation's sigmoid, smoothed with map_sigma."""

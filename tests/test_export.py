@@ -203,8 +203,70 @@ def test_bundle_json_has_every_field(bundle_dir, model):
     assert manifest["onnx"]["opset"] == 18 and "BASIC" in manifest["onnx"]["optimization"]
     assert manifest["onnx"]["parity"]["passed"]
     assert manifest["engines"] == []
+    assert manifest["onnx_fp16"]["file"] == "model.fp16.onnx" and manifest["onnx_fp16"]["network_dtype"] == "float16"
+    assert manifest["onnx_fp16"]["parity"]["passed"]
     assert manifest["files"] == {name: sha256_file(bundle_dir / name)
-                                 for name in ("model.onnx", "model.safetensors")}
+                                 for name in ("model.fp16.onnx", "model.onnx", "model.safetensors")}
+
+
+# --- the fp16 graph (what TensorRT 11 builds fp16 engines from) -----------------------------------------
+def _tensor_types(path) -> dict[str, int]:
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    types = {t.name: t.type.tensor_type.elem_type for t in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
+
+
+def test_fp16_graph_runs_the_networks_in_fp16_and_the_rest_in_fp32(bundle_dir):
+    path = load_bundle(bundle_dir).onnx_fp16_path
+    assert path == bundle_dir / "model.fp16.onnx"
+    graph, types = onnx.load(str(path)).graph, _tensor_types(path)
+    fp16, fp32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8  # the same interface
+    assert [o.type.tensor_type.elem_type for o in graph.output] == [fp32, fp32]
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    network_weights = {n.input[1] for n in convs if n.input[1].startswith(("model.unet.", "model.segmentation."))}
+    assert len(network_weights) >= 20 and {types[w] for w in network_weights} == {fp16}
+    # the map's Gaussian smoothing stays fp32, like the score after it
+    assert {types[n.input[1]] for n in convs if n.input[1] not in network_weights} == {fp32}
+    # fp32 where fp16 would break: the cast of the uint8 input, the top-k score and the map's sigmoid
+    (topk,) = [n for n in graph.node if n.op_type == "TopK"]
+    assert types[topk.input[0]] == fp32
+    first_cast = next(n for n in graph.node if n.op_type == "Cast" and n.input[0] == "images")
+    assert types[first_cast.output[0]] == fp32
+    sigmoid_inputs = {types[n.input[0]] for n in graph.node if n.op_type == "Sigmoid"}
+    assert fp16 in sigmoid_inputs  # the networks' SiLU
+    # the anomaly map's sigmoid takes the segmentation's logits cast back to fp32
+    assert any(types[n.input[0]] == fp32 for n in graph.node if n.op_type == "Sigmoid")
+
+
+def test_fp16_graph_matches_the_fp32_graph_within_the_fp16_bounds(bundle_dir):
+    images = parity_images(32, 3, count=8)
+    fp32 = onnxruntime_runner(bundle_dir / "model.onnx")(images)
+    fp16 = onnxruntime_runner(bundle_dir / "model.fp16.onnx")(images)
+    map_diff, score_diff = (float(np.abs(a - b).max()) for a, b in zip(fp32, fp16, strict=True))
+    print(f"fp16 graph vs fp32 (ONNX Runtime CPU): maps {map_diff:.2e}, scores {score_diff:.2e}")
+    assert map_diff <= TENSORRT_TOLERANCES["fp16"].map and score_diff <= TENSORRT_TOLERANCES["fp16"].score
+    assert map_diff > 0, "bit-identical results: the fp16 graph's weights are not fp16"
+
+
+def test_network_dtype_changes_only_the_networks(model):
+    """In PyTorch (bf16 on the CPU): networks in bf16, outputs fp32 and close to the fp32 model's."""
+    images = torch.from_numpy(parity_images(32, 3, count=4)).float() / 255
+    reduced = copy.deepcopy(model).set_network_dtype(torch.bfloat16)
+    assert reduced.network_dtype == torch.bfloat16 and model.network_dtype == torch.float32
+    assert reduced.noise.dtype == torch.float32  # the fixed noise and the rest of the pipeline stay fp32
+    with torch.inference_mode():
+        (maps, scores), (ref_maps, ref_scores) = reduced(images), model(images)
+    assert maps.dtype == scores.dtype == torch.float32
+    assert 0 < float((maps - ref_maps).abs().max()) < 0.05
+    assert float((scores - ref_scores).abs().max()) < 0.02
+
+
+def test_cli_export_without_the_fp16_graph(run_dir, tmp_path):
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "b"), "--no-fp16-graph"]) == 0
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.onnx_fp16_path is None and not (tmp_path / "b" / "model.fp16.onnx").exists()
 
 
 def test_bundle_loads_and_normalizes_like_the_calibration(bundle_dir):
@@ -303,8 +365,9 @@ def test_cli_export_end_to_end_without_calibration_or_tensorrt(tmp_path, capsys,
     out = tmp_path / "bundle"
     assert main(["export", str(run), "--out", str(out), "--tensorrt", "--fp16", "--max-batch", "4"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert sorted(p.name for p in out.iterdir()) == ["bundle.json", "model.onnx", "model.safetensors"]
-    assert printed["files"] == ["model.onnx", "model.safetensors"] and printed["engines"] == []
+    assert sorted(p.name for p in out.iterdir()) == ["bundle.json", "model.fp16.onnx", "model.onnx",
+                                                     "model.safetensors"]
+    assert printed["files"] == ["model.fp16.onnx", "model.onnx", "model.safetensors"] and printed["engines"] == []
     assert printed["onnx"]["parity"]["passed"]
     bundle = load_bundle(out)
     assert bundle.input.channels == 1 and bundle.threshold is None and not bundle.calibrated
