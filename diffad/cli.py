@@ -245,8 +245,9 @@ def _add_service_verbs(verbs) -> None:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
     p.add_argument("--port", type=int, help="default 8000")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "torch", "triton"),
-                   help="auto (default): a TensorRT engine for this GPU, else ONNX Runtime CUDA, else CPU; triton: "
-                   "the gateway, batches run on Triton Inference Server at --triton-url")
+                   help="auto (default): a TensorRT engine for this GPU, else ONNX Runtime CUDA, else PyTorch "
+                   "CUDA, else ONNX Runtime CPU; triton: the gateway, "
+                   "batches run on Triton Inference Server at --triton-url")
     p.add_argument("--triton-url", metavar="URL",
                    help="with --backend triton: http://HOST:8000 or grpc://HOST:8001 (DIFFAD_TRITON_URL)")
     p.add_argument("--max-batch-size", type=_positive_int, help="largest dynamic batch (default 8)")

@@ -3,12 +3,14 @@
     onnxruntime  the bundle's model.onnx; the CPU by default, CUDA when onnxruntime-gpu sees a GPU
     tensorrt     a native TensorRT engine built for this GPU: from the bundle's `engines` or from the
                  engine cache (DIFFAD_ENGINE_CACHE, filled by `diffad engines`)
-    torch        PyTorch eager on the bundle's model.safetensors (development only: needs torch)
+    torch        PyTorch on the bundle's model.safetensors: fp32 eager on the CPU (development); on a CUDA GPU
+                 fp16 networks, channels-last, CUDA graphs per batch bucket (a GPU host without TensorRT)
     triton       the gateway: each batch goes to NVIDIA Triton Inference Server (DIFFAD_TRITON_URL), which
                  runs the model; this service keeps decoding, limits, thresholds and map encoding
 
 `backend=auto` takes the fastest that this machine can run: a TensorRT engine for this GPU, else
-ONNX Runtime on CUDA, else ONNX Runtime on the CPU, and logs why. Each backend is opened and called on
+ONNX Runtime on CUDA, else PyTorch on CUDA (where torch sees a GPU), else ONNX Runtime on the CPU, and
+logs why. Each backend is opened and called on
 its model's own worker thread (one at a time), so none needs to be thread-safe. Nothing here imports
 torch or tensorrt at module level: the serving image carries neither unless asked to.
 """
@@ -62,6 +64,9 @@ class Backend(ABC):
 
     def describe(self) -> str:
         return self.name
+
+    def prepare(self, max_batch_size: int) -> None:  # noqa: B027 - most backends need nothing before warm-up
+        """Get ready for batches up to max_batch_size (capture CUDA graphs); called before the warm-up."""
 
     def check(self) -> str | None:
         """None while the backend can serve; else why not. Only remote backends can turn unable between
@@ -167,9 +172,78 @@ class TensorRTBackend(Backend):
                 f"{self.min_batch_size}..{self.max_batch_size})")
 
 
-# --- PyTorch (development) -------------------------------------------------------------------------
+# --- PyTorch: the CPU for development, a CUDA GPU without TensorRT --------------------------------
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """The batch sizes that get a CUDA graph: 1, 2, 4, ... below the largest, and the largest itself.
+
+    A graph replays fixed shapes, so a batch is padded up to the next bucket: at most half of a replay
+    is padding, for log2(max) graphs instead of one per size (they share one memory pool)."""
+    if max_batch_size < 1:
+        raise ValueError(f"max batch size must be positive, got {max_batch_size}")
+    buckets, size = [], 1
+    while size < max_batch_size:
+        buckets.append(size)
+        size *= 2
+    return [*buckets, max_batch_size]
+
+
+class BatchGraphs:
+    """One replayable graph per bucket, made by capture(bucket) (a function images -> outputs) on first use
+    or by capture_all; a batch runs padded (copies of its last image) in its bucket's graph, results cut back.
+
+    capture is injected so that this logic is tested without a GPU (tests/test_service_ops.py)."""
+
+    def __init__(self, capture: Callable[[int], Callable], max_batch_size: int):
+        self.capture, self.buckets = capture, batch_buckets(max_batch_size)
+        self.graphs: dict[int, Callable] = {}
+
+    def bucket(self, count: int) -> int:
+        for size in self.buckets:
+            if count <= size:
+                return size
+        raise ValueError(f"a batch of {count} is larger than the largest captured ({self.buckets[-1]})")
+
+    def capture_all(self) -> None:
+        for size in sorted(self.buckets, reverse=True):  # largest first: the smaller reuse its memory pool
+            self._graph(size)
+
+    def _graph(self, size: int) -> Callable:
+        if size not in self.graphs:
+            self.graphs[size] = self.capture(size)
+        return self.graphs[size]
+
+    def __call__(self, images):
+        count = len(images)
+        size = self.bucket(count)
+        if size > count:
+            images = images[list(range(count)) + [count - 1] * (size - count)]
+        return tuple(out[:count] for out in self._graph(size)(images))
+
+
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def torch_precision(choice: str, device: str, native_bf16_cpu: bool) -> str:
+    """auto: fp16 on a GPU (tensor cores), fp32 on the CPU; bf16 on a CPU only where it computes bf16 natively
+    (emulated bf16 is 25-85x slower); fp16 on a CPU is refused (PyTorch's CPU fp16 kernels are slow)."""
+    if choice == "auto":
+        return "fp16" if device == "cuda" else "fp32"
+    if device == "cpu" and choice == "fp16":
+        raise BackendUnavailable("DIFFAD_TORCH_PRECISION=fp16 needs a CUDA GPU; on the CPU use fp32 (or bf16 "
+                                 "where the CPU has AVX512-BF16 or AMX)")
+    if device == "cpu" and choice == "bf16" and not native_bf16_cpu:
+        raise BackendUnavailable("DIFFAD_TORCH_PRECISION=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), "
+                                 "where bf16 is emulated and many times slower than fp32; use fp32")
+    return choice
+
+
 class TorchBackend(Backend):
-    def __init__(self, bundle: Bundle, threads: int | None = None):
+    """The bundle's model.safetensors in PyTorch. On a CUDA GPU: the networks in fp16 (or bf16; the rest of
+    the pipeline in fp32, as in model.fp16.onnx), channels-last convolutions, one CUDA graph per batch
+    bucket captured at warm-up (prepare), optionally torch.compile first. On the CPU: fp32 eager."""
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, precision: str = "auto",
+                 cuda_graphs: bool = True, compile: bool = False, cuda_device: int = 0):
         super().__init__(bundle)
         try:
             import torch
@@ -181,17 +255,80 @@ class TorchBackend(Backend):
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(bundle.path / WEIGHTS_FILE).to(self.device).eval()
-        self.name = f"torch-{self.device}"  # self.device: the Backend's field too
+        cuda = torch.cuda.is_available()
+        if cuda:
+            if cuda_device >= torch.cuda.device_count():
+                raise BackendUnavailable(f"DIFFAD_CUDA_DEVICE={cuda_device}, but CUDA shows "
+                                         f"{torch.cuda.device_count()} device(s)")
+            self.device = f"cuda:{cuda_device}"
+        else:
+            self.device = "cpu"
+        kind = self.device.split(":")[0]
+        native_bf16 = kind == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        self.precision = torch_precision(precision, kind, native_bf16)
+        model = load_model(bundle.path / WEIGHTS_FILE).to(self.device).eval()
+        model.set_network_dtype(getattr(torch, TORCH_DTYPES[self.precision]))
+        self.channels_last = kind == "cuda"  # NHWC is what tensor-core convolutions read
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.forward = torch.compile(model, dynamic=False) if compile else model
+        self.compiled = compile
+        self.graphs = BatchGraphs(self._capture, 1) if kind == "cuda" and cuda_graphs else None
+        self.name = f"torch-{kind}"
         self._float_input = False  # the model takes 0..1 floats: converted below from uint8
+
+    def prepare(self, max_batch_size: int) -> None:
+        if self.graphs is not None:
+            self.graphs = BatchGraphs(self._capture, max_batch_size)
+            self.graphs.capture_all()
+
+    def _to_model(self, images):
+        batch = self.torch.as_tensor(images, device=self.device).float() / 255.0
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=self.torch.channels_last)
+        return batch
+
+    def _capture(self, size: int):
+        """A CUDA graph of the whole pipeline for batches of `size` uint8 images on the device."""
+        torch = self.torch
+        static_in = torch.zeros((size, self.bundle.input.channels, self.bundle.input.size, self.bundle.input.size),
+                                dtype=torch.uint8, device=self.device)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(3):  # outside the capture: cuDNN and compile choose their kernels here
+                self.forward(self._to_model(static_in))
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool()):
+            static_out = self.forward(self._to_model(static_in))
+
+        def replay(images):
+            static_in.copy_(images)
+            graph.replay()
+            return static_out
+
+        return replay
+
+    def _pool(self):
+        if not hasattr(self, "_graph_pool"):
+            self._graph_pool = self.torch.cuda.graph_pool_handle()
+        return self._graph_pool
 
     def run(self, images):
         torch = self.torch
         with torch.inference_mode():
-            batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).float() / 255.0
-            maps, scores = self.model(batch)
-        return maps.float().cpu().numpy(), scores.float().cpu().numpy()
+            if self.graphs is not None:
+                maps, scores = self.graphs(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
+            else:
+                maps, scores = self.forward(self._to_model(np.ascontiguousarray(images)))
+            # copied out before the next replay overwrites the graph's outputs
+            return maps.float().cpu().numpy(), scores.float().cpu().numpy()
+
+    def describe(self) -> str:
+        graphs = f", CUDA graphs for batches {self.graphs.buckets}" if self.graphs is not None else ""
+        return f"{self.name} ({self.precision}{', compiled' if self.compiled else ''}{graphs})"
 
 
 # --- NVIDIA Triton Inference Server (the gateway) --------------------------------------------------
@@ -352,6 +489,22 @@ def interface_problems(bundle: Bundle, config: dict) -> list[str]:
     return problems
 
 
+def open_torch(bundle: Bundle, settings: Settings) -> TorchBackend:
+    return TorchBackend(bundle, settings.threads, settings.torch_precision, settings.torch_cuda_graphs,
+                        settings.torch_compile, settings.cuda_device)
+
+
+def torch_sees_a_gpu() -> bool:
+    """torch is installed and sees a CUDA GPU (imported only when asked: the serving image has no torch)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 # --- choosing --------------------------------------------------------------------------------------
 BackendFactory = Callable[[Bundle, Settings], Backend]
 
@@ -362,7 +515,7 @@ def open_backend(bundle: Bundle, settings: Settings) -> Backend:
     if choice == "onnxruntime":
         return OnnxRuntimeBackend(bundle, settings.threads)
     if choice == "torch":
-        return TorchBackend(bundle, settings.threads)
+        return open_torch(bundle, settings)
     if choice == "triton":
         return TritonBackend(bundle, settings.triton_url, settings.request_timeout_s)
     if choice == "tensorrt":
@@ -384,6 +537,12 @@ def open_backend(bundle: Bundle, settings: Settings) -> Backend:
         else:
             log.info("model %s: backend auto chose %s: %s", bundle.name, backend.describe(), why)
             return backend
+    if "CUDAExecutionProvider" not in onnxruntime_providers() and torch_sees_a_gpu():
+        backend = open_torch(bundle, settings)
+        backend.fallback = fallback
+        log.info("model %s: backend auto chose %s: no TensorRT engine (%s) and no ONNX Runtime CUDA provider, "
+                 "but PyTorch sees a CUDA GPU", bundle.name, backend.describe(), why)
+        return backend
     backend = OnnxRuntimeBackend(bundle, settings.threads)
     backend.fallback = fallback
     reason = ("ONNX Runtime's CUDA provider is available" if backend.name == "onnxruntime-cuda"

@@ -193,6 +193,7 @@ class ModelRegistry:
         limit = backend.max_batch_size
         batch_size = min(self.settings.max_batch_size, limit) if limit else self.settings.max_batch_size
         try:
+            await loop.run_in_executor(executor, backend.prepare, batch_size)
             await loop.run_in_executor(executor, self._warm_up, name, bundle.input, backend, batch_size)
         except Exception:
             await self._close_backend(name, backend, executor)

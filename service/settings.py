@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     models: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="model bundle folders to serve (comma-separated or JSON list)")
     backend: BackendChoice = Field(
-        "auto", description="auto picks the fastest available: TensorRT engine > ONNX Runtime CUDA > CPU; "
+        "auto", description="auto picks the fastest available: TensorRT engine > ONNX Runtime CUDA > PyTorch CUDA > "
+        "ONNX Runtime CPU; "
         "triton sends batches to NVIDIA Triton Inference Server at DIFFAD_TRITON_URL (the gateway)")
     triton_url: str | None = Field(
         None, description="with DIFFAD_BACKEND=triton: http://HOST:8000 (HTTP) or grpc://HOST:8001 (gRPC)")
@@ -72,6 +73,15 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="intra-op threads of the backend (default: its own)")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="accepted X-API-Key values (comma-separated); empty: no auth")
+    torch_precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="backend torch: the networks' precision (the rest of the pipeline stays fp32); auto: "
+        "fp16 on a CUDA GPU, fp32 on the CPU")
+    torch_cuda_graphs: bool = Field(
+        True, description="backend torch on a GPU: replay each batch size's kernels as one CUDA graph (captured "
+        "at warm-up for batches 1, 2, 4, ... up to the largest; a batch is padded to the next)")
+    torch_compile: bool = Field(False, description="backend torch: torch.compile the model first (slower start)")
+    cuda_device: int = Field(0, ge=0, description="the CUDA device (among those CUDA_VISIBLE_DEVICES shows) that "
+                             "the torch and TensorRT backends use")
     engine_cache: Path | None = Field(
         None, description="folder of TensorRT engines built for this GPU by `diffad engines`")
     host: str = "127.0.0.1"

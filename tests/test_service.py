@@ -105,6 +105,9 @@ class WrappedBackend:
     def close(self):
         self.inner.close()
 
+    def prepare(self, max_batch_size):
+        self.inner.prepare(max_batch_size)
+
     def describe(self):
         return "wrapped " + self.inner.describe()
 

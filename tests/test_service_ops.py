@@ -21,11 +21,20 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from diffad.benchmarks.load import free_port
 from diffad.export import tensorrt_engine as te
 from diffad.export.bundle import load_bundle, sha256_file
 from diffad.export.parity import ONNX_TOLERANCE, TENSORRT_TOLERANCES, onnxruntime_runner, parity_images
-from diffad.service.backends import BackendUnavailable, TensorRTBackend, find_engine, open_backend
+from diffad.service.backends import (
+    BackendUnavailable,
+    BatchGraphs,
+    TensorRTBackend,
+    batch_buckets,
+    find_engine,
+    open_backend,
+    torch_precision,
+)
 from diffad.service.settings import Settings, load_settings
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
@@ -446,3 +455,87 @@ def test_bench_overload_counts_every_request_and_loses_none_on_sigterm(bundle_di
     assert stop["lost"] == 0 and stop["answered"] + stop["refused_503"] == stop["sent"]
     assert stop["refused_503"] > 0 and stop["answered"] > 0
     assert all(p["peak_rss_mib"] > 0 for p in (over, stop, phases["large_images"]))
+
+
+# --- the torch backend's GPU path: its logic here, the GPU itself where there is one -------------
+def test_batch_buckets_are_powers_of_two_up_to_the_largest():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    with pytest.raises(ValueError, match="positive"):
+        batch_buckets(0)
+
+
+def test_batch_graphs_pad_to_the_bucket_and_cut_the_results_back():
+    """Our code around CUDA graphs, with a fake capture: not the graphs themselves."""
+    captured, calls = [], []
+
+    def capture(size):
+        captured.append(size)
+
+        def replay(images):
+            assert len(images) == size, "a graph replays only the batch size it was captured for"
+            calls.append(images.copy())
+            return images * 10, images.sum(axis=(1, 2, 3))
+
+        return replay
+
+    graphs = BatchGraphs(capture, 8)
+    graphs.capture_all()
+    assert captured == [8, 4, 2, 1]  # largest first, so the smaller share its memory pool
+    images = np.arange(3 * 2 * 1 * 1, dtype=np.float32).reshape(3, 2, 1, 1)
+    maps, scores = graphs(images)
+    assert captured == [8, 4, 2, 1], "a captured bucket is replayed, not captured again"
+    assert calls[-1].shape[0] == 4 and np.array_equal(calls[-1][3], images[2])  # padded with the last image
+    np.testing.assert_array_equal(maps, images * 10)
+    np.testing.assert_array_equal(scores, images.sum(axis=(1, 2, 3)))
+    with pytest.raises(ValueError, match="larger than the largest"):
+        graphs(np.zeros((9, 2, 1, 1), dtype=np.float32))
+
+
+@pytest.mark.parametrize("choice, device, native, expected", [
+    ("auto", "cuda", False, "fp16"), ("auto", "cpu", True, "fp32"), ("bf16", "cuda", False, "bf16"),
+    ("bf16", "cpu", True, "bf16"), ("fp32", "cuda", False, "fp32"),
+    ("fp16", "cpu", True, "needs a CUDA GPU"), ("bf16", "cpu", False, "no native bf16"),
+])
+def test_torch_precision_follows_the_device(choice, device, native, expected):
+    if expected.startswith(("fp", "bf")):
+        assert torch_precision(choice, device, native) == expected
+    else:
+        with pytest.raises(BackendUnavailable, match=expected):
+            torch_precision(choice, device, native)
+
+
+def test_auto_takes_torch_where_only_torch_sees_a_gpu(bundle_dir, monkeypatch):
+    """No TensorRT engine, no ONNX Runtime CUDA provider, torch sees a GPU: auto serves with torch."""
+    from diffad.service import backends
+
+    monkeypatch.setattr(backends, "torch_sees_a_gpu", lambda: True)
+    backend = open_backend(load_bundle(bundle_dir), Settings(_env_file=None, backend="auto"))
+    assert backend.name.startswith("torch-")
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no native bf16")
+def test_torch_backend_bf16_networks_stay_close_to_fp32(bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    backend = open_backend(bundle, Settings(_env_file=None, backend="torch", torch_precision="bf16"))
+    images = parity_images(bundle.input.size, bundle.input.channels, count=4)
+    maps, scores = backend(images)
+    ref_maps, ref_scores = onnxruntime_runner(bundle.onnx_path)(images)
+    assert backend.precision == "bf16" and backend.model.network_dtype == torch.bfloat16
+    assert 0 < np.abs(maps - ref_maps).max() <= 0.05 and np.abs(scores - ref_scores).max() <= 0.02
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CUDA-graph path)")
+def test_torch_backend_on_cuda_with_graphs_matches_fp32(bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    backend = open_backend(bundle, Settings(_env_file=None, backend="torch"))
+    backend.prepare(8)
+    images = parity_images(bundle.input.size, bundle.input.channels, count=8)
+    ref_maps, ref_scores = onnxruntime_runner(bundle.onnx_path)(images)
+    for count in (1, 3, 8):  # a bucket exactly, a padded one, the largest
+        maps, scores = backend(images[:count])
+        assert maps.shape == (count, 1, bundle.input.size, bundle.input.size)
+        assert np.abs(maps - ref_maps[:count]).max() <= TENSORRT_TOLERANCES["fp16"].map
+        assert np.abs(scores - ref_scores[:count]).max() <= TENSORRT_TOLERANCES["fp16"].score
+    assert backend.precision == "fp16" and backend.graphs.buckets == [1, 2, 4, 8]
