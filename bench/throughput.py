@@ -91,7 +91,7 @@ PRECISIONS = ("fp32", "tf32", "fp16")
 
 
 def bench_torch(presets: list[str], batches: list[int], device: str, precisions: list[str], seconds: float,
-                cuda_graphs: bool, channels: int = 3) -> dict:
+                cuda_graphs: bool, channels: int = 3, compiled: bool = False) -> dict:
     import torch
 
     from ..export.onnx_export import InferenceGraph
@@ -100,6 +100,8 @@ def bench_torch(presets: list[str], batches: list[int], device: str, precisions:
 
     torch.manual_seed(0)
     out = {"models": {}, "results": []}
+    if device.startswith("cuda"):
+        out["matmul_peak_tflops"] = {p: matmul_peak_tflops(device, p) for p in precisions}
     for name in presets:
         model = DiffusionAD(preset(name, in_channels=channels)).eval()
         out["models"][name] = {k: round(v, 3) for k, v in describe(model).items()}
@@ -115,11 +117,20 @@ def bench_torch(presets: list[str], batches: list[int], device: str, precisions:
                 modes = [("eager", run)]
                 if cuda_graphs and device.startswith("cuda"):
                     modes.append(("cuda-graph", _cuda_graph(run)))
+                if compiled and device.startswith("cuda"):
+                    compiled_graph = torch.compile(graph, dynamic=False)
+                    modes.append(("compiled+cuda-graph", _cuda_graph(_torch_call(compiled_graph, images, device,
+                                                                                  precision))))
                 for mode, fn in modes:
                     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
                     times = time_batches(fn, seconds, sync=sync)
                     row = {"backend": f"torch-{device.split(':')[0]}", "preset": name, "precision": precision,
                            "mode": mode, **summarise(times, batch)}
+                    peak = out.get("matmul_peak_tflops", {}).get(precision)
+                    if peak:  # 2 FLOPs per multiply-accumulate
+                        achieved = row["images_per_s"] * 2 * out["models"][name]["pipeline_gmac_per_image"] / 1e3
+                        row["achieved_tflops"] = round(achieved, 1)
+                        row["fraction_of_matmul_peak"] = round(achieved / peak, 3)
                     if batch == batches[0]:
                         maps, scores = fn()
                         maps, scores = maps.float().cpu(), scores.float().cpu()
@@ -149,6 +160,17 @@ def _torch_call(graph, images, device: str, precision: str) -> Callable[[], tupl
             return graph(images)
 
     return run
+
+
+def matmul_peak_tflops(device: str, precision: str, n: int = 8192, seconds: float = 2.0) -> float:
+    """The GPU's measured dense matrix-product rate (TFLOP/s) in this precision: what 'fraction of peak' means."""
+    import torch
+
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    times = time_batches(lambda: a @ b, seconds, sync=torch.cuda.synchronize)
+    return round(2 * n**3 / statistics.median(times) / 1e12, 1)
 
 
 def _cuda_graph(run: Callable[[], tuple]) -> Callable[[], tuple]:
@@ -224,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS)
     p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="image channels (default 3)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="eager only")
+    p.add_argument("--compile", action="store_true", help="on a GPU, also torch.compile + CUDA graph")
     for p in sub.choices.values():
         p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
         p.add_argument("--seconds", type=float, default=3.0, help="time measured per configuration")
@@ -233,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_onnxruntime(args.bundle, args.batch, args.seconds, args.threads)
     else:
         result = bench_torch(args.preset, args.batch, args.device, args.precision, args.seconds,
-                             not args.no_cuda_graphs, args.channels)
+                             not args.no_cuda_graphs, args.channels, args.compile)
     result = {"benchmark": "throughput", "machine": machine(), **result}
     emit(result, args.json)
     return 0
