@@ -495,10 +495,13 @@ def open_torch(bundle: Bundle, settings: Settings) -> TorchBackend:
 
 
 def torch_sees_a_gpu() -> bool:
-    """torch is installed and sees a CUDA GPU (imported only when asked: the serving image has no torch)."""
+    """torch is installed and sees a CUDA GPU. torch is imported only where a GPU is there at all (asked of
+    the CUDA runtime or nvidia-smi first), so a CPU host's serving process never loads it."""
     import importlib.util
 
-    if importlib.util.find_spec("torch") is None:
+    from ..export.tensorrt_engine import detect_gpu
+
+    if importlib.util.find_spec("torch") is None or detect_gpu() is None:
         return False
     import torch
 
