@@ -454,6 +454,7 @@ def _engines(args) -> int:
     from .export.tensorrt_engine import (
         EngineBuildError,
         EngineOptions,
+        TensorRTUnavailable,
         build_cached_engine,
         join_words,
         missing_for_tensorrt,
@@ -475,7 +476,7 @@ def _engines(args) -> int:
     for bundle_dir in args.bundles:
         try:
             results.append(build_cached_engine(bundle_dir, cache_dir, options))
-        except EngineBuildError as e:
+        except (EngineBuildError, TensorRTUnavailable) as e:
             print(f"diffad engines: error: {bundle_dir}: {e}", file=sys.stderr)
             return 1
     print(json.dumps(results, indent=2))

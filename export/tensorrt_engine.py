@@ -16,13 +16,18 @@ against ONNX Runtime; fp16 engines to 1e-2 (maps) and 5e-3 (scores): see parity.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,6 +61,8 @@ class EngineOptions:
     max_batch: int = 32
     fp16: bool = False
     timing_cache: Path | None = None   # None: a per-GPU, per-version file under the user's cache folder
+    workspace_mib: int = 2048          # TensorRT's workspace memory pool limit
+    device: int | None = None          # the CUDA device index to build on (None: device 0)
 
     def __post_init__(self):
         for name in ("min_batch", "opt_batch", "max_batch"):
@@ -65,6 +72,10 @@ class EngineOptions:
         if not self.min_batch <= self.opt_batch <= self.max_batch:
             raise ValueError(f"need --min-batch <= --opt-batch <= --max-batch, got "
                              f"{self.min_batch}, {self.opt_batch}, {self.max_batch}")
+        if not isinstance(self.workspace_mib, int) or isinstance(self.workspace_mib, bool) or self.workspace_mib < 1:
+            raise ValueError(f"--workspace-mib must be a positive integer, got {self.workspace_mib!r}")
+        if self.device is not None and (not isinstance(self.device, int) or self.device < 0):
+            raise ValueError(f"--device must be a CUDA device index (0, 1, ...), got {self.device!r}")
 
     @property
     def precision(self) -> str:
@@ -153,34 +164,60 @@ def _cudart():
     return cudart
 
 
-def _cuda_ok(result):
+def _cuda_ok(result, cudart=None):
     """cuda-python returns (error, values...): raise on an error, return the value(s)."""
-    cudart = _cudart()
+    cudart = cudart or _cudart()
     err, *values = result
     if err != cudart.cudaError_t.cudaSuccess:
         raise RuntimeError(f"CUDA runtime error: {err}")
     return values[0] if len(values) == 1 else tuple(values) or None
 
 
-def detect_gpu() -> GpuInfo | None:
-    """The GPU engines would be built for (the CUDA runtime's current device), or None."""
+def set_device(device: int | None, cudart=None) -> None:
+    """Make `device` the CUDA runtime's current device (before any allocation); None leaves it as it is."""
+    if device is not None:
+        _cuda_ok((cudart or _cudart()).cudaSetDevice(int(device)), cudart)
+
+
+def detect_gpu(device: int = 0) -> GpuInfo | None:
+    """The GPU engines would be built for (CUDA device `device`, counted as CUDA_VISIBLE_DEVICES lists them),
+    or None."""
     try:
         cudart = _cudart()
     except ImportError:
-        return _gpu_from_nvidia_smi()
+        return _gpu_from_nvidia_smi(device)
     try:
-        device = _cuda_ok(cudart.cudaGetDevice())
-        props = _cuda_ok(cudart.cudaGetDeviceProperties(device))
+        props = _cuda_ok(cudart.cudaGetDeviceProperties(int(device)), cudart)
     except Exception:  # no device, no driver, or a driver too old: cuda-python raises several kinds
         return None
     name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
     return GpuInfo(name.split("\x00")[0].strip(), f"{props.major}.{props.minor}")
 
 
-def _gpu_from_nvidia_smi() -> GpuInfo | None:
+def nvidia_smi_id(device: int = 0, visible: str | None = None) -> str | None:
+    """The `nvidia-smi -i` id of CUDA device `device`: through CUDA_VISIBLE_DEVICES (indices or GPU-UUIDs, which
+    nvidia-smi accepts both) when set; None when that hides every GPU or has fewer entries."""
+    if visible is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return str(device)
+    entries = [e.strip() for e in visible.split(",")]
+    # CUDA stops at the first invalid entry ("-1", "" or "none" hide every GPU)
+    valid = []
+    for entry in entries:
+        if not entry or entry.startswith("-") or entry.lower() == "none":
+            break
+        valid.append(entry)
+    return valid[device] if device < len(valid) else None
+
+
+def _gpu_from_nvidia_smi(device: int = 0) -> GpuInfo | None:
+    smi_id = nvidia_smi_id(device)
+    if smi_id is None:
+        return None
     for fields in ("name,compute_cap", "name"):  # compute_cap needs a 2021+ driver
         try:
-            out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader", "-i", "0"],
+            out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader", "-i", smi_id],
                                  capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             return None
@@ -216,40 +253,102 @@ def default_timing_cache(gpu_name: str, trt_version: str) -> Path:
 
 
 # --- building ------------------------------------------------------------------------------------
-def check_precision_supported(precision: str, trt_version: str) -> None:
-    """fp16 engines are built with the FP16 builder flag ("weak typing"), which TensorRT 11 removed."""
-    major = int(trt_version.split(".")[0])
-    if precision == "fp16" and major >= 11:
+@dataclass(frozen=True)
+class BuilderPlan:
+    """How to build an engine with one TensorRT version: from which of the bundle's graphs, typing, flags."""
+
+    onnx: str                       # "fp32": model.onnx; "fp16": model.fp16.onnx
+    strongly_typed: bool            # the graph's types decide each layer's precision
+    set_flags: tuple[str, ...]      # BuilderFlag names to set
+    clear_flags: tuple[str, ...]    # BuilderFlag names to clear (where this TensorRT has them)
+
+
+FP16_GRAPH_MISSING = ("re-export the bundle with `diffad export` (which writes model.fp16.onnx), or build an fp32 "
+                      "engine, or use TensorRT 10 (pip install 'tensorrt>=10,<11')")
+
+
+def trt_major(trt_version: str) -> int:
+    try:
+        return int(str(trt_version).split(".")[0])
+    except ValueError:
+        raise ValueError(f"TensorRT version must look like 10.3.0, got {trt_version!r}") from None
+
+
+def builder_plan(trt_version: str, precision: str, has_fp16_graph: bool) -> BuilderPlan:
+    """The build for a TensorRT version and precision (pure).
+
+    TensorRT 10: weak typing from model.onnx, fp16 through the FP16 builder flag. TensorRT 11 removed the
+    weak-typing flags and builds only strongly typed networks: an fp16 engine comes from the fp16 graph,
+    and without one it is refused here, before anything is parsed. fp32 clears TF32 on both.
+    """
+    if precision not in ("fp16", "fp32"):
+        raise ValueError(f"precision must be fp16 or fp32, got {precision!r}")
+    if trt_major(trt_version) < 11:
+        if precision == "fp16":
+            return BuilderPlan("fp32", False, ("FP16",), ())
+        return BuilderPlan("fp32", False, (), ("TF32",))
+    if precision == "fp32":
+        return BuilderPlan("fp32", True, (), ("TF32",))
+    if not has_fp16_graph:
         raise TensorRTUnavailable(
-            f"TensorRT {trt_version} builds only strongly typed networks and has no FP16 builder flag; "
-            "build fp16 engines with TensorRT 10 (pip install 'tensorrt>=10,<11'), or build an fp32 engine")
+            f"TensorRT {trt_version} builds only strongly typed networks (no FP16 builder flag), so an fp16 engine "
+            f"needs the bundle's fp16 graph, and this bundle has none: {FP16_GRAPH_MISSING}")
+    return BuilderPlan("fp16", True, (), ())
+
+
+def check_precision_supported(precision: str, trt_version: str, has_fp16_graph: bool = False) -> None:
+    """Refuse, before any parsing, a precision this TensorRT cannot build from what the bundle has."""
+    builder_plan(trt_version, precision, has_fp16_graph)
+
+
+def bundle_plan(bundle, trt_version: str, precision: str) -> tuple[BuilderPlan, Path]:
+    """The plan for this bundle, and the graph it builds from."""
+    fp16_graph = bundle.onnx_fp16_path
+    plan = builder_plan(trt_version, precision, fp16_graph is not None)
+    return plan, (fp16_graph if plan.onnx == "fp16" else bundle.onnx_path)
+
+
+def network_flags(trt, plan: BuilderPlan) -> int:
+    """create_network's flags: 0 is weakly typed in TensorRT 10 and strongly typed in 11 (its only mode)."""
+    if plan.strongly_typed and trt_major(trt.__version__) < 11:
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 0
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, options: EngineOptions,
-                 timing_cache: str | Path) -> float:
-    """Parse the ONNX graph and build a serialised engine for this GPU; returns the build seconds."""
+                 timing_cache: str | Path, plan: BuilderPlan | None = None) -> float:
+    """Parse the ONNX graph and build a serialised engine for this GPU; returns the build seconds.
+
+    Without a plan, the graph is taken for model.onnx (an fp16 build on TensorRT 11 then is refused).
+    """
     import tensorrt as trt
 
+    if plan is None:
+        plan = builder_plan(trt.__version__, options.precision, has_fp16_graph=False)
+    set_device(options.device)
     started = time.monotonic()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(network_flags(trt, plan))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineBuildError(f"TensorRT cannot parse {onnx_path}: {errors}")
 
     config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
     shape = tuple(network.get_input(0).shape)[1:]  # (C, H, W); the batch is -1
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, (options.min_batch, *shape), (options.opt_batch, *shape),
                       (options.max_batch, *shape))
-    config.add_optimization_profile(profile)
-    check_precision_supported(options.precision, trt.__version__)
-    if options.fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)  # plain fp32, held to fp32 tolerances
+    if config.add_optimization_profile(profile) < 0:
+        raise EngineBuildError(f"TensorRT refused the batch profile {options.min_batch}/{options.opt_batch}/"
+                               f"{options.max_batch} for input shape {shape}")
+    for flag in plan.set_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in plan.clear_flags:
+        if hasattr(trt.BuilderFlag, flag):
+            config.clear_flag(getattr(trt.BuilderFlag, flag))  # TF32 off: plain fp32, held to fp32 tolerances
 
     # The timing cache keeps each kernel's measured speed, so a rebuild skips most of the autotuning.
     timing_cache = Path(timing_cache)
@@ -259,8 +358,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: Engine
         log.warning("timing cache %s does not fit this GPU / TensorRT; starting a fresh one", timing_cache)
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
-    log.info("building a TensorRT %s engine (%s precision, batch %d/%d/%d)...", trt.__version__,
-             options.precision, options.min_batch, options.opt_batch, options.max_batch)
+    log.info("building a TensorRT %s engine (%s precision from %s, %s typed, batch %d/%d/%d)...", trt.__version__,
+             options.precision, Path(onnx_path).name, "strongly" if plan.strongly_typed else "weakly",
+             options.min_batch, options.opt_batch, options.max_batch)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path} (see its messages above)")
@@ -272,25 +372,36 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: Engine
     return seconds
 
 
+def unique_temp(folder: Path, prefix: str, suffix: str) -> Path:
+    """A new empty file of a unique name in folder (so two writers never share one temporary file)."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    os.close(fd)
+    return Path(name)
+
+
 def _write_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    tmp = unique_temp(path.parent, f".{path.name}.", ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --- loading and running -------------------------------------------------------------------------
 def load_engine(bundle_dir: str | Path, engine_entry: dict, gpu_name: str | None = None,
-                trt_version: str | None = None):
+                trt_version: str | None = None, device: int | None = None):
     """Deserialise a bundle's engine after checking it was built for this GPU and TensorRT version."""
     import tensorrt as trt
 
     if gpu_name is None:
-        gpu = detect_gpu()
+        gpu = detect_gpu(device or 0)
         if gpu is None:
             raise TensorRTUnavailable("no NVIDIA GPU found: TensorRT engines cannot run here")
         gpu_name = gpu.name
     check_engine_compatible(engine_entry, gpu_name, trt_version or trt.__version__)
+    set_device(device)
     path = Path(bundle_dir) / engine_entry["file"]
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(path.read_bytes())
@@ -300,64 +411,100 @@ def load_engine(bundle_dir: str | Path, engine_entry: dict, gpu_name: str | None
 
 
 class EngineRunner:
-    """Runs an engine on numpy batches: host -> device, execute, device -> host, on one CUDA stream.
+    """Runs an engine on numpy batches: host -> pinned host -> device, execute, device -> pinned -> host, on
+    one CUDA stream.
 
-    Device buffers grow to the largest batch seen and are reused. Use as a context manager, or call
-    close(), to free them.
+    Device and pinned host buffers grow to the largest batch seen and are reused. Use as a context
+    manager, or call close(), to free them. `device` (a CUDA index) is made current before anything;
+    `trt` and `cudart` are the tensorrt and cuda-python runtime modules (imported when not given).
     """
 
-    def __init__(self, engine):
-        import tensorrt as trt
-
-        self._trt, self._cudart = trt, _cudart()
+    def __init__(self, engine, device: int | None = None, trt=None, cudart=None):
+        if trt is None:
+            import tensorrt as trt
+        self._trt, self._cudart = trt, cudart or _cudart()
+        self.stream = None
+        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+        self._host: dict[str, tuple[int, int]] = {}     # name -> (pinned host pointer, bytes)
+        set_device(device, self._cudart)
         self.engine = engine
         self.context = engine.create_execution_context()
-        self.stream = _cuda_ok(self._cudart.cudaStreamCreate())
+        self.stream = self._ok(self._cudart.cudaStreamCreate())
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.input_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(INPUT_NAME)))
-        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
 
-    def _device(self, name: str, nbytes: int) -> int:
-        pointer, size = self._buffers.get(name, (0, 0))
+    def _ok(self, result):
+        return _cuda_ok(result, self._cudart)
+
+    def _grow(self, table: dict, name: str, nbytes: int, malloc, free) -> int:
+        pointer, size = table.get(name, (0, 0))
         if size < nbytes:
             if pointer:
-                _cuda_ok(self._cudart.cudaFree(pointer))
-            pointer = _cuda_ok(self._cudart.cudaMalloc(nbytes))
-            self._buffers[name] = (pointer, nbytes)
+                del table[name]
+                self._ok(free(pointer))
+            pointer = self._ok(malloc(nbytes))
+            table[name] = (pointer, nbytes)
         return pointer
+
+    def _device(self, name: str, nbytes: int) -> int:
+        return self._grow(self._buffers, name, nbytes, self._cudart.cudaMalloc, self._cudart.cudaFree)
+
+    def _pinned(self, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        """A numpy view of the pinned host buffer for `name` (grown when too small)."""
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        nbytes = max(count * dtype.itemsize, 1)
+        pointer = self._grow(self._host, name, nbytes, self._cudart.cudaMallocHost, self._cudart.cudaFreeHost)
+        raw = (ctypes.c_byte * nbytes).from_address(int(pointer))
+        return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cudart, trt = self._cudart, self._trt
         if images.dtype != self.input_dtype:  # a silent cast would skip the graph's / 255 or double it
             raise ValueError(f"the engine takes {self.input_dtype} images, got {images.dtype}")
-        images = np.ascontiguousarray(images)
         if not self.context.set_input_shape(INPUT_NAME, images.shape):
             raise ValueError(f"batch shape {images.shape} is outside the engine's optimisation profile")
-        host = {INPUT_NAME: images}
+        host = {INPUT_NAME: self._pinned(INPUT_NAME, images.shape, images.dtype)}
+        np.copyto(host[INPUT_NAME], images)
         for name in self.outputs:
             dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
-            host[name] = np.empty(tuple(self.context.get_tensor_shape(name)), dtype)
+            host[name] = self._pinned(name, tuple(self.context.get_tensor_shape(name)), dtype)
         for name, array in host.items():
             self.context.set_tensor_address(name, self._device(name, max(array.nbytes, 1)))
         stream = self.stream
-        _cuda_ok(cudart.cudaMemcpyAsync(self._buffers[INPUT_NAME][0], images.ctypes.data, images.nbytes,
-                                        cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
+        self._ok(cudart.cudaMemcpyAsync(self._buffers[INPUT_NAME][0], self._host[INPUT_NAME][0],
+                                        host[INPUT_NAME].nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                                        stream))
         if not self.context.execute_async_v3(int(stream)):
+            with contextlib.suppress(Exception):  # the copy in may still be running: let it finish first
+                self._ok(cudart.cudaStreamSynchronize(stream))
             raise RuntimeError("TensorRT execution failed (see its messages above)")
         for name in self.outputs:
-            _cuda_ok(cudart.cudaMemcpyAsync(host[name].ctypes.data, self._buffers[name][0], host[name].nbytes,
+            self._ok(cudart.cudaMemcpyAsync(self._host[name][0], self._buffers[name][0], host[name].nbytes,
                                             cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
-        _cuda_ok(cudart.cudaStreamSynchronize(stream))
+        self._ok(cudart.cudaStreamSynchronize(stream))
+        # astype copies: the results outlive the pinned buffers, which the next batch overwrites
         return host[MAP_OUTPUT].astype(np.float32), host[SCORE_OUTPUT].astype(np.float32)
 
     def close(self) -> None:
-        for pointer, _ in self._buffers.values():
-            _cuda_ok(self._cudart.cudaFree(pointer))
+        """Free every buffer and the stream; when a free fails the others are still tried, then the first
+        error is raised."""
+        errors = []
+        frees = [(self._cudart.cudaFree, p) for p, _ in self._buffers.values()]
+        frees += [(self._cudart.cudaFreeHost, p) for p, _ in self._host.values()]
         self._buffers.clear()
+        self._host.clear()
         if self.stream is not None:
-            _cuda_ok(self._cudart.cudaStreamDestroy(self.stream))
+            frees.append((self._cudart.cudaStreamDestroy, self.stream))
             self.stream = None
+        for free, handle in frees:
+            try:
+                self._ok(free(handle))
+            except Exception as e:  # noqa: BLE001 - collected and raised below
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     def __enter__(self):
         return self
@@ -368,12 +515,18 @@ class EngineRunner:
 
 
 # --- parity and the bundle -----------------------------------------------------------------------
+def parity_batch_sizes(options: EngineOptions) -> list[int]:
+    """The batch sizes an engine is checked at: its profile's min, opt and max."""
+    return sorted({options.min_batch, options.opt_batch, options.max_batch})
+
+
 def tensorrt_vs_onnx(runner, onnx_path: str | Path, input_dtype: str, size: int, channels: int,
-                     options: EngineOptions) -> dict:
-    """The engine against ONNX Runtime (CPU, fp32) at the profile's min and opt batch sizes."""
+                     options: EngineOptions, batch_sizes: list[int] | None = None) -> dict:
+    """The engine against ONNX Runtime (CPU, fp32) at the given batch sizes (default: the profile's min and
+    opt; engine builds pass parity_batch_sizes, which adds the max)."""
     from .parity import as_graph_input
 
-    batch_sizes = sorted({options.min_batch, options.opt_batch})
+    batch_sizes = sorted(set(batch_sizes or (options.min_batch, options.opt_batch)))
     images = as_graph_input(parity_images(size, channels, count=max(batch_sizes)), input_dtype)
     reference = run_in_batches(onnxruntime_runner(onnx_path), images, 8, whole_batches_only=False)
     report = compare(reference, runner, images, batch_sizes, TENSORRT_TOLERANCES[options.precision],
@@ -383,7 +536,8 @@ def tensorrt_vs_onnx(runner, onnx_path: str | Path, input_dtype: str, size: int,
 
 
 def add_engine(bundle_dir: str | Path, options: EngineOptions) -> dict:
-    """Build an engine for this GPU from the bundle's model.onnx, check it, record it in bundle.json.
+    """Build an engine for this GPU from the bundle's graph for this TensorRT (builder_plan), check it,
+    record it in bundle.json.
 
     The engine is kept only if it passes its parity check against ONNX Runtime; an older engine of the
     same name (same GPU, TensorRT version and precision) is replaced. Returns the engines entry.
@@ -395,9 +549,10 @@ def add_engine(bundle_dir: str | Path, options: EngineOptions) -> dict:
 
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir)
-    gpu = detect_gpu()
+    bundle_plan(bundle, trt.__version__, options.precision)  # refuse an impossible build before anything
+    gpu = detect_gpu(options.device or 0)
     name = engine_filename(gpu.name, trt.__version__, options.precision)
-    partial = bundle_dir.parent / f".{bundle_dir.name}.{name}.partial"  # outside the bundle until checked
+    partial = unique_temp(bundle_dir.parent, f".{bundle_dir.name}.{name}.", ".partial")  # outside the bundle
     try:
         entry = {"file": name, **build_checked_engine(bundle, gpu, partial, options)}
         shutil.move(str(partial), bundle_dir / name)
@@ -410,22 +565,27 @@ def add_engine(bundle_dir: str | Path, options: EngineOptions) -> dict:
 
 
 def build_checked_engine(bundle, gpu: GpuInfo, engine_path: Path, options: EngineOptions) -> dict:
-    """Build an engine from the bundle's model.onnx into engine_path and check it against ONNX Runtime.
+    """Build an engine from the bundle's graph for this TensorRT (model.onnx, or model.fp16.onnx for a
+    strongly typed fp16 engine) into engine_path and check it against ONNX Runtime on model.onnx.
 
-    Returns the engine's record (GPU, TensorRT version, precision, batch profile, parity report; no
-    "file" yet). Raises EngineBuildError, leaving engine_path for the caller to remove, if it fails parity.
+    Returns the engine's record (GPU, TensorRT version, precision, the graph it was built from, batch
+    profile, parity report; no "file" yet). Raises TensorRTUnavailable before parsing when this TensorRT
+    cannot build the precision from what the bundle has, and EngineBuildError, leaving engine_path for the
+    caller to remove, if the engine fails parity.
     """
     import tensorrt as trt
 
-    seconds = build_engine(bundle.onnx_path, engine_path, options,
-                           options.timing_cache or default_timing_cache(gpu.name, trt.__version__))
+    plan, onnx_path = bundle_plan(bundle, trt.__version__, options.precision)
+    seconds = build_engine(onnx_path, engine_path, options,
+                           options.timing_cache or default_timing_cache(gpu.name, trt.__version__), plan=plan)
     entry = {"gpu": gpu.name, "compute_capability": gpu.compute_capability,
              "tensorrt_version": trt.__version__, "precision": options.precision,
+             "onnx_file": Path(onnx_path).name, "strongly_typed": plan.strongly_typed,
              "min_batch": options.min_batch, "opt_batch": options.opt_batch, "max_batch": options.max_batch,
              "input_dtype": bundle.input.dtype, "built_at": _now(), "build_seconds": round(seconds, 1)}
-    with EngineRunner(_deserialize(engine_path)) as runner:
+    with EngineRunner(_deserialize(engine_path), device=options.device) as runner:
         report = tensorrt_vs_onnx(runner, bundle.onnx_path, bundle.input.dtype, bundle.input.size,
-                                  bundle.input.channels, options)
+                                  bundle.input.channels, options, batch_sizes=parity_batch_sizes(options))
     if not report["passed"]:
         raise EngineBuildError(f"TensorRT {options.precision} engine failed parity against ONNX Runtime: "
                                + "; ".join(report["failures"]))
@@ -554,17 +714,40 @@ def build_cached_engine(bundle_dir: str | Path, cache_dir: str | Path, options: 
         return {"bundle": str(bundle_dir), "status": "cached", "file": str(cached.path)}
 
     cache_dir.mkdir(parents=True, exist_ok=True)
+    bundle_plan(bundle, version, options.precision)  # refuse an impossible build before taking the lock
     name = cached_engine_filename(bundle.name, onnx_sha, gpu.name, version, options.precision)
-    partial = cache_dir / f".{name}.partial"
-    try:
-        record = {"file": name, "bundle_name": bundle.name, "onnx_sha256": onnx_sha,
-                  **build_checked_engine(bundle, gpu, partial, options)}
-        record["engine_sha256"] = sha256_file(partial)
-        os.replace(partial, cache_dir / name)
-    finally:
-        partial.unlink(missing_ok=True)
-    write_engine_record(cache_dir, record)  # last: a sidecar means its engine is complete
-    return {"bundle": str(bundle_dir), "status": "built", "file": str(cache_dir / name), "record": record}
+
+    def cached_now():
+        found, _ = find_cached_engine(cache_dir, onnx_sha, gpu.name, version, options.precision)
+        if found is not None and all(found.record.get(k) == v for k, v in profile.items()):
+            return {"bundle": str(bundle_dir), "status": "cached", "file": str(found.path)}
+        return None
+
+    def build():
+        partial = unique_temp(cache_dir, f".{name}.", ".partial")
+        try:
+            record = {"file": name, "bundle_name": bundle.name, "onnx_sha256": onnx_sha,
+                      **build_checked_engine(bundle, gpu, partial, options)}
+            record["engine_sha256"] = sha256_file(partial)
+            os.replace(partial, cache_dir / name)
+        finally:
+            partial.unlink(missing_ok=True)
+        write_engine_record(cache_dir, record)  # last: a sidecar means its engine is complete
+        return {"bundle": str(bundle_dir), "status": "built", "file": str(cache_dir / name), "record": record}
+
+    return build_under_lock(cache_dir, name, cached_now, build)
+
+
+def build_under_lock(cache_dir: Path, name: str, cached_now: Callable[[], dict | None],
+                     build: Callable[[], dict]) -> dict:
+    """build() under an exclusive lock on cache_dir/.<name>.lock, so replicas sharing a cache build an
+    engine once; once the lock is held, cached_now() is asked again and its answer returned if not None."""
+    with open(Path(cache_dir) / f".{name}.lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            return cached_now() or build()
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def write_engine_record(cache_dir: str | Path, record: dict) -> Path:
