@@ -709,19 +709,19 @@ def build_cached_engine(bundle_dir: str | Path, cache_dir: str | Path, options: 
         return {"bundle": str(bundle_dir), "status": "in-bundle", "file": str(bundle.path / in_bundle["file"])}
     cache_dir = Path(cache_dir)
     onnx_sha = bundle_onnx_sha256(bundle)
-    cached, _ = find_cached_engine(cache_dir, onnx_sha, gpu.name, version, options.precision)
-    if cached is not None and all(cached.record.get(k) == v for k, v in profile.items()):
-        return {"bundle": str(bundle_dir), "status": "cached", "file": str(cached.path)}
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    bundle_plan(bundle, version, options.precision)  # refuse an impossible build before taking the lock
-    name = cached_engine_filename(bundle.name, onnx_sha, gpu.name, version, options.precision)
 
     def cached_now():
         found, _ = find_cached_engine(cache_dir, onnx_sha, gpu.name, version, options.precision)
         if found is not None and all(found.record.get(k) == v for k, v in profile.items()):
             return {"bundle": str(bundle_dir), "status": "cached", "file": str(found.path)}
         return None
+
+    cached = cached_now()
+    if cached is not None:
+        return cached
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    bundle_plan(bundle, version, options.precision)  # refuse an impossible build before taking the lock
+    name = cached_engine_filename(bundle.name, onnx_sha, gpu.name, version, options.precision)
 
     def build():
         partial = unique_temp(cache_dir, f".{name}.", ".partial")
