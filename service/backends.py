@@ -274,12 +274,14 @@ class TorchBackend(Backend):
         self.model = model
         self.forward = torch.compile(model, dynamic=False) if compile else model
         self.compiled = compile
-        self.graphs = BatchGraphs(self._capture, 1) if kind == "cuda" and cuda_graphs else None
+        self.use_graphs = kind == "cuda" and cuda_graphs
+        self.graphs: BatchGraphs | None = None  # made by prepare(), which knows the largest batch
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # shared by every bucket
         self.name = f"torch-{kind}"
         self._float_input = False  # the model takes 0..1 floats: converted below from uint8
 
     def prepare(self, max_batch_size: int) -> None:
-        if self.graphs is not None:
+        if self.use_graphs:
             self.graphs = BatchGraphs(self._capture, max_batch_size)
             self.graphs.capture_all()
 
@@ -301,7 +303,7 @@ class TorchBackend(Backend):
                 self.forward(self._to_model(static_in))
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool()):
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._graph_pool):
             static_out = self.forward(self._to_model(static_in))
 
         def replay(images):
@@ -310,11 +312,6 @@ class TorchBackend(Backend):
             return static_out
 
         return replay
-
-    def _pool(self):
-        if not hasattr(self, "_graph_pool"):
-            self._graph_pool = self.torch.cuda.graph_pool_handle()
-        return self._graph_pool
 
     def run(self, images):
         torch = self.torch
