@@ -591,8 +591,13 @@ def test_constraints_pin_every_serving_requirement_and_no_torch(lock, extras):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pins = read_pins(DEPLOY / "requirements" / lock)
     requirements = [Requirement(r) for r in project["dependencies"]]
-    for extra in extras:
-        requirements += [Requirement(r) for r in project["optional-dependencies"][extra]]
+    extras = list(extras)
+    while extras:
+        for req in map(Requirement, project["optional-dependencies"][extras.pop()]):
+            if req.name == project["name"]:  # an extra made of other extras: `gpu` = `diffad[gpu-cu12]`
+                extras += sorted(req.extras)
+            else:
+                requirements.append(req)
     for req in requirements:
         name = re.sub(r"[-_.]+", "-", req.name).lower()
         assert name in pins, f"{lock} has no pin for {req.name}: run deploy/requirements/lock.sh"
@@ -602,12 +607,31 @@ def test_constraints_pin_every_serving_requirement_and_no_torch(lock, extras):
         assert forbidden not in pins, f"{lock} pins {forbidden}: the serving image must not carry it"
 
 
+@pytest.mark.parametrize("extra, cuda, other", [("gpu-cu12", 12, 13), ("gpu-cu13", 13, 12)])
+def test_gpu_extras_keep_to_one_cuda_major(extra, cuda, other):
+    """A host installs the CUDA builds of its own major version only, with TensorRT 10 or 11."""
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    reqs = {r.name: r.specifier for r in map(Requirement, extras[extra])}
+    assert set(reqs) == {"onnxruntime-gpu", f"tensorrt-cu{cuda}", "cuda-python"}
+    trt = reqs[f"tensorrt-cu{cuda}"]
+    assert trt.contains("10.16.1.11") and trt.contains("11.4.0.106") and not trt.contains("12.0.0")
+    assert reqs["cuda-python"].contains(f"{cuda}.9.0") and not reqs["cuda-python"].contains(f"{other}.0.0")
+    # onnxruntime-gpu on PyPI: 1.26 is the last CUDA 12 build, 1.27 the first CUDA 13 one
+    cuda12_ort, cuda13_ort = reqs["onnxruntime-gpu"].contains("1.26.0"), reqs["onnxruntime-gpu"].contains("1.27.0")
+    assert (cuda12_ort, cuda13_ort) == ((True, False) if cuda == 12 else (False, True))
+    assert extras["gpu"] == ["diffad[gpu-cu12]"], "`gpu` is the CUDA 12 set, which runs on CUDA 12 and 13 drivers"
+
+
 def test_gpu_constraints_stay_on_cuda_12():
     pins = read_pins(DEPLOY / "requirements" / "gpu-cu12.txt")
     assert pins["onnxruntime-gpu"] == pins["onnxruntime"]
     assert tuple(int(x) for x in pins["onnxruntime-gpu"].split(".")[:2]) <= (1, 26), "onnxruntime-gpu 1.27+ is CUDA 13"
-    assert pins["tensorrt"] == pins["tensorrt-cu12"] == pins["tensorrt-cu12-libs"] == pins["tensorrt-cu12-bindings"]
-    assert pins["tensorrt"].startswith("10."), "the engine code is written against the TensorRT 10 API"
+    assert pins["tensorrt-cu12"] == pins["tensorrt-cu12-libs"] == pins["tensorrt-cu12-bindings"]
+    assert pins["tensorrt-cu12"].split(".")[0] in {"10", "11"}, "the engine code supports TensorRT 10 and 11"
+    assert "tensorrt" not in pins, "the `tensorrt` meta package installs tensorrt-cu13 from 10.13.3 on"
     assert pins["cuda-python"].startswith("12.")
     assert not any(name.endswith("-cu13") or name.startswith("tensorrt-cu13") for name in pins)
 

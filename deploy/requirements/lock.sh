@@ -10,14 +10,15 @@
 #
 # Why the GPU pins are what they are (CUDA 12, for drivers older than R580):
 #   - onnxruntime-gpu 1.27 and later on PyPI are built for CUDA 13; 1.26.0 is the last CUDA 12 build.
-#   - the `tensorrt` meta package from 10.13.3 on installs tensorrt-cu13; 10.13.0.35 is the last that
-#     installs tensorrt-cu12. Its libraries (tensorrt-cu12-libs) are a stub on PyPI that fetches the real
-#     wheel from NVIDIA's index, so uv cannot resolve them offline: they are appended by hand below.
+#   - TensorRT: the image stays on the newest 10.x (the FP16-flag build path, the longest in the field);
+#     the `gpu` extra itself allows 10 and 11 (engine code for both). tensorrt-cu12-libs is a stub on PyPI
+#     whose real wheel lies on NVIDIA's index (the Dockerfile names it); the 10.x stubs have no static
+#     metadata, so uv cannot resolve them offline: the three TensorRT pins are appended by hand below.
 #   - cuda-python 12.9.x is the last CUDA 12 series.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=deploy/requirements
-TRT=10.13.0.35
+TRT=10.16.1.11
 ORT_GPU=1.26.0
 CUDA_PYTHON=12.9.4
 common=(--no-header --annotation-style line --python-platform x86_64-manylinux_2_28)
@@ -37,10 +38,9 @@ uv pip compile pyproject.toml "$out/gpu.in.tmp" --extra serve --extra triton --e
     echo "# it is pinned to the same version so the two never mix files of different releases."
     echo "onnxruntime==$ORT_GPU"
     grep -v "^# The following\|^# onnxruntime$\|^$" "$out/gpu-cu12.txt.new"
-    echo "tensorrt==$TRT                  # via diffad (gpu extra); the last meta release that installs tensorrt-cu12"
-    echo "tensorrt-cu12==$TRT"
+    echo "tensorrt-cu12==$TRT             # via diffad (gpu extra); the newest TensorRT 10 for CUDA 12"
     echo "tensorrt-cu12-bindings==$TRT"
-    echo "tensorrt-cu12-libs==$TRT         # real wheel on https://pypi.nvidia.com (the Dockerfile adds that index)"
+    echo "tensorrt-cu12-libs==$TRT        # real wheel on https://pypi.nvidia.com (the Dockerfile adds that index)"
 } > "$out/gpu-cu12.txt"
 rm -f "$out"/*.new "$out/gpu.in.tmp"
 echo "wrote $out/serve-cpu.txt and $out/gpu-cu12.txt"
