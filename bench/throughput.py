@@ -3,7 +3,9 @@
 Backends measured here:
   onnxruntime   a bundle's model.onnx through ONNX Runtime (CPU unless a GPU provider is asked for)
   torch         DiffusionAD in PyTorch eager, on the CPU or a CUDA GPU; on a GPU also replayed as a
-                CUDA graph (the launch overhead removed, as an engine would), in fp32, tf32 or fp16
+                CUDA graph (the launch overhead removed, as an engine would), in fp32, tf32, fp16 or bf16;
+                fp16 and bf16 as the torch backend serves them (the networks in that dtype, channels-last on
+                a GPU, the rest of the pipeline fp32: DiffusionAD.set_network_dtype), not under autocast
 
 Every figure is measured in the same process, one configuration after another, on the same images, so
 ratios between rows mean something even on a noisy machine. Usage:
@@ -87,14 +89,14 @@ def bench_onnxruntime(bundle_dir: str | Path, batches: list[int], seconds: float
 
 
 # --- PyTorch ------------------------------------------------------------------------------------
-PRECISIONS = ("fp32", "tf32", "fp16")
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+NETWORK_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
 
 def bench_torch(presets: list[str], batches: list[int], device: str, precisions: list[str], seconds: float,
                 cuda_graphs: bool, channels: int = 3, compiled: bool = False) -> dict:
     import torch
 
-    from ..export.onnx_export import InferenceGraph
     from ..models.diffusionad import DiffusionAD
     from ..models.presets import describe, preset
 
@@ -105,12 +107,13 @@ def bench_torch(presets: list[str], batches: list[int], device: str, precisions:
     for name in presets:
         model = DiffusionAD(preset(name, in_channels=channels)).eval()
         out["models"][name] = {k: round(v, 3) for k, v in describe(model).items()}
-        graph = InferenceGraph(model.to(device), "uint8").eval()
+        model = model.to(device)
         size = model.config.image_size
         reference = None
         for precision in precisions:
-            if device == "cpu" and precision != "fp32":
+            if device == "cpu" and precision in ("tf32", "fp16"):  # GPU formats; bf16 runs where the CPU has it
                 continue
+            graph = served_graph(model, precision, device)
             for batch in batches:
                 images = torch.from_numpy(random_images(batch, channels, size)).to(device)
                 run = _torch_call(graph, images, device, precision)
@@ -141,10 +144,28 @@ def bench_torch(presets: list[str], batches: list[int], device: str, precisions:
                             row["max_score_diff_vs_fp32"] = float((scores - reference[1]).abs().max())
                     out["results"].append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
-        del graph, model
+            del graph
+        del model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return out
+
+
+def served_graph(model, precision: str, device: str):
+    """The uint8 -> (map, score) pipeline as the torch backend serves it in this precision: a copy of the
+    model with its networks in fp16 / bf16 (the rest fp32), channels-last convolutions on a GPU."""
+    import copy
+
+    import torch
+
+    from ..export.onnx_export import InferenceGraph
+
+    served = copy.deepcopy(model)
+    if precision in NETWORK_DTYPES:
+        served.set_network_dtype(getattr(torch, NETWORK_DTYPES[precision]))
+    if device.startswith("cuda"):
+        served = served.to(memory_format=torch.channels_last)
+    return InferenceGraph(served, "uint8").eval()
 
 
 def _torch_call(graph, images, device: str, precision: str) -> Callable[[], tuple]:
@@ -155,8 +176,7 @@ def _torch_call(graph, images, device: str, precision: str) -> Callable[[], tupl
             # fp32 means fp32: cuDNN and cuBLAS would otherwise use TF32 tensor cores for convolutions
             torch.backends.cudnn.allow_tf32 = precision == "tf32"
             torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        with torch.inference_mode(), torch.autocast(device.split(":")[0], torch.float16,
-                                                    enabled=precision == "fp16", cache_enabled=False):
+        with torch.inference_mode():
             return graph(images)
 
     return run
@@ -166,7 +186,7 @@ def matmul_peak_tflops(device: str, precision: str, n: int = 8192, seconds: floa
     """The GPU's measured dense matrix-product rate (TFLOP/s) in this precision: what 'fraction of peak' means."""
     import torch
 
-    dtype = torch.float16 if precision == "fp16" else torch.float32
+    dtype = getattr(torch, NETWORK_DTYPES.get(precision, "float32"))
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     times = time_batches(lambda: a @ b, seconds, sync=torch.cuda.synchronize)

@@ -296,11 +296,6 @@ def builder_plan(trt_version: str, precision: str, has_fp16_graph: bool) -> Buil
     return BuilderPlan("fp16", True, (), ())
 
 
-def check_precision_supported(precision: str, trt_version: str, has_fp16_graph: bool = False) -> None:
-    """Refuse, before any parsing, a precision this TensorRT cannot build from what the bundle has."""
-    builder_plan(trt_version, precision, has_fp16_graph)
-
-
 def bundle_plan(bundle, trt_version: str, precision: str) -> tuple[BuilderPlan, Path]:
     """The plan for this bundle, and the graph it builds from."""
     fp16_graph = bundle.onnx_fp16_path
@@ -522,11 +517,11 @@ def parity_batch_sizes(options: EngineOptions) -> list[int]:
 
 def tensorrt_vs_onnx(runner, onnx_path: str | Path, input_dtype: str, size: int, channels: int,
                      options: EngineOptions, batch_sizes: list[int] | None = None) -> dict:
-    """The engine against ONNX Runtime (CPU, fp32) at the given batch sizes (default: the profile's min and
-    opt; engine builds pass parity_batch_sizes, which adds the max)."""
+    """The engine against ONNX Runtime (CPU, fp32) at the given batch sizes (default: the profile's min, opt
+    and max, since the service warms up and serves at the max)."""
     from .parity import as_graph_input
 
-    batch_sizes = sorted(set(batch_sizes or (options.min_batch, options.opt_batch)))
+    batch_sizes = sorted(set(batch_sizes or parity_batch_sizes(options)))
     images = as_graph_input(parity_images(size, channels, count=max(batch_sizes)), input_dtype)
     reference = run_in_batches(onnxruntime_runner(onnx_path), images, 8, whole_batches_only=False)
     report = compare(reference, runner, images, batch_sizes, TENSORRT_TOLERANCES[options.precision],
@@ -585,7 +580,7 @@ def build_checked_engine(bundle, gpu: GpuInfo, engine_path: Path, options: Engin
              "input_dtype": bundle.input.dtype, "built_at": _now(), "build_seconds": round(seconds, 1)}
     with EngineRunner(_deserialize(engine_path), device=options.device) as runner:
         report = tensorrt_vs_onnx(runner, bundle.onnx_path, bundle.input.dtype, bundle.input.size,
-                                  bundle.input.channels, options, batch_sizes=parity_batch_sizes(options))
+                                  bundle.input.channels, options)
     if not report["passed"]:
         raise EngineBuildError(f"TensorRT {options.precision} engine failed parity against ONNX Runtime: "
                                + "; ".join(report["failures"]))

@@ -448,3 +448,21 @@ def test_histogram_quantile_reads_buckets_as_prometheus_does():
     assert histogram_quantile(0.375, buckets) == pytest.approx(0.125)  # rank 15: a quarter into (0.1, 0.2]
     assert histogram_quantile(0.99, buckets) == 0.5  # in +Inf: the highest finite bound, as Prometheus says
     assert histogram_quantile(0.95, {0.1: 0.0, float("inf"): 0.0}) is None
+
+
+def test_throughput_measures_bf16_as_the_torch_backend_serves_it():
+    """bf16 rows run the networks in bf16 on a copy (the served path, not autocast): their outputs differ a
+    little from fp32, and the model the next rows use stays fp32."""
+    from diffad.benchmarks import throughput
+    from diffad.models.diffusionad import DiffusionAD
+    from diffad.models.presets import preset
+
+    model = DiffusionAD(preset("tiny"))
+    graph = throughput.served_graph(model, "bf16", "cpu")
+    assert next(graph.model.unet.parameters()).dtype == torch.bfloat16
+    assert next(model.unet.parameters()).dtype == torch.float32, "the original model is left in fp32"
+    result = throughput.bench_torch(["tiny"], [1], "cpu", ["fp32", "bf16", "fp16"], seconds=0.05, cuda_graphs=False)
+    rows = {row["precision"]: row for row in result["results"]}
+    assert set(rows) == {"fp32", "bf16"}, "fp16 and tf32 are GPU formats: skipped on the CPU"
+    assert 0 < rows["bf16"]["max_map_diff_vs_fp32"] < 0.05
+    assert rows["bf16"]["images_per_s"] > 0

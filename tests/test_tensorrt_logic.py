@@ -249,3 +249,34 @@ def test_unique_temp_names(tmp_path):
     te._write_atomic(tmp_path / "f", b"data")
     assert (tmp_path / "f").read_bytes() == b"data"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([a.name, b.name, "f"])
+
+
+def test_tensorrt_backend_pads_a_batch_below_the_profile_minimum(monkeypatch):
+    """A batch smaller than the engine's min batch runs padded with copies of its last image, and only
+    its own results come back; batches inside the profile run as they are. Checks our padding, not TensorRT."""
+    from diffad.service.backends import EngineChoice, TensorRTBackend
+
+    seen = []
+
+    class FakeRunner:  # each image's score is its mean, so results show which image they belong to
+        def __init__(self, engine):
+            pass
+
+        def __call__(self, images):
+            seen.append(len(images))
+            scores = images.reshape(len(images), -1).mean(axis=1).astype(np.float32)
+            return np.broadcast_to(scores[:, None, None, None], (len(images), 1, 2, 2)).copy(), scores
+
+    monkeypatch.setattr(te, "EngineRunner", FakeRunner)
+    monkeypatch.setattr(te, "load_engine", lambda folder, record: object())
+    bundle = types.SimpleNamespace(input=types.SimpleNamespace(dtype="uint8"))
+    record = {"file": "model.x.trt10.16.1.11.fp16.engine", "precision": "fp16", "min_batch": 4, "max_batch": 16}
+    backend = TensorRTBackend(bundle, EngineChoice("/nowhere", record, "bundle"))
+    assert (backend.min_batch_size, backend.max_batch_size) == (4, 16)
+
+    images = np.stack([np.full((3, 2, 2), v, np.uint8) for v in (10, 20)])
+    maps, scores = backend(images)
+    assert seen == [4], "two images padded to the minimum of four"
+    assert scores.tolist() == [10.0, 20.0] and maps.shape == (2, 1, 2, 2)
+    backend(np.zeros((5, 3, 2, 2), np.uint8))
+    assert seen == [4, 5], "a batch inside the profile is not padded"
