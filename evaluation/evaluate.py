@@ -96,6 +96,24 @@ def predict(model: DiffusionAD, images: np.ndarray, batch_size: int = 8, desc: s
     return np.concatenate(maps), np.concatenate(scores)
 
 
+@dataclass
+class LabelledImages:
+    samples: list            # training.data.TestSample, in order
+    images: np.ndarray       # [N, H, W, C] in [0, 1] at the model's size
+    masks: np.ndarray        # [N, H, W] binary
+    labels: np.ndarray       # [N] 1 = anomalous
+
+
+def read_test_set(data_dir: str | Path, size: int, channels: int, progress: bool = True) -> LabelledImages:
+    """DATA_DIR/test with its ground truth, at the model's resolution."""
+    samples = find_test_samples(data_dir)
+    images = np.stack([read_image(s.path, size, channels) for s in
+                       tqdm(samples, desc="reading test set", unit="img", leave=False, disable=not progress)])
+    masks = np.stack([read_mask(s.mask_path, size) if s.mask_path else np.zeros((size, size), np.float32)
+                      for s in samples])
+    return LabelledImages(samples, images, masks, np.array([s.label for s in samples]))
+
+
 def evaluate(model: DiffusionAD, data_dir: str | Path, batch_size: int = 8, calibration: str = "auto",
              quantile: float = 0.99, progress: bool = True, held_out: list[Path] | None = None
              ) -> tuple[dict, Calibration | None]:
@@ -107,13 +125,9 @@ def evaluate(model: DiffusionAD, data_dir: str | Path, batch_size: int = 8, cali
     "f1", "quantile" force one; "none" skips it.
     """
     cfg = model.config
-    samples = find_test_samples(data_dir)
     size, channels = cfg.image_size, cfg.in_channels
-    images = np.stack([read_image(s.path, size, channels) for s in
-                       tqdm(samples, desc="reading test set", unit="img", leave=False, disable=not progress)])
-    masks = np.stack([read_mask(s.mask_path, size) if s.mask_path else np.zeros((size, size), np.float32)
-                      for s in samples])
-    labels = np.array([s.label for s in samples])
+    test = read_test_set(data_dir, size, channels, progress)
+    samples, images, masks, labels = test.samples, test.images, test.masks, test.labels
 
     started = time.monotonic()
     maps, scores = predict(model, images, batch_size, "evaluating", progress)

@@ -466,3 +466,25 @@ def test_throughput_measures_bf16_as_the_torch_backend_serves_it():
     assert set(rows) == {"fp32", "bf16"}, "fp16 and tf32 are GPU formats: skipped on the CPU"
     assert 0 < rows["bf16"]["max_map_diff_vs_fp32"] < 0.05
     assert rows["bf16"]["images_per_s"] > 0
+
+
+def test_precision_benchmark_compares_bf16_with_fp32_on_a_test_set(run_dir, category, tmp_path, capsys):
+    out = tmp_path / "precision.json"
+    assert main_precision([str(run_dir), str(category), "--precision", "bf16", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    test_files = [f for f in (category / "test").rglob("*.png")]
+    assert result["num_test_images"] == len(test_files)
+    assert result["num_anomalous"] == len([f for f in test_files if f.parent.name != "good"]) > 0
+    assert 0 < result["map_max_abs_diff"] < 0.05, "bf16 networks move the map a little, not at all or a lot"
+    assert result["score_max_abs_diff"] < 0.05 and -1 <= result["score_spearman"] <= 1
+    assert set(result["metrics"]) == {"fp32", "bf16"}
+    assert set(result["metrics"]["fp32"]) == {"image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1_max"}
+    assert {"cpu", "cpu_flags", "native_bf16_cpu", "torch"} <= set(result["machine"]), "the CPU goes with the figures"
+    assert main_precision([str(run_dir), str(category), "--precision", "fp16"]) == 2
+    assert "fp16 is a GPU format" in capsys.readouterr().err
+
+
+def main_precision(argv):
+    from diffad.benchmarks import precision
+
+    return precision.main(argv)
