@@ -327,6 +327,14 @@ class ServerProcess:
             pass
         return None
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server has used so far (Linux: utime + stime), None where it cannot be read."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return None
+
     def _log_tail(self, limit: int = 4000) -> str:
         self.log.seek(0)
         return self.log.read().decode(errors="replace")[-limit:]
