@@ -114,7 +114,8 @@ build_engines() {
     IFS=$old_ifs
     set -- "$@" --cache-dir "$ENGINE_CACHE"
     if [ "$PRECISION" = fp16 ]; then
-        set -- "$@" --fp16
+        # a bundle exported before model.fp16.onnx existed gets an fp32 engine on TensorRT 11, not ONNX Runtime
+        set -- "$@" --fp16 --or-fp32
     fi
     if [ -n "$ENGINE_MAX_BATCH" ]; then
         set -- "$@" --max-batch "$ENGINE_MAX_BATCH"

@@ -271,6 +271,9 @@ def _add_service_verbs(verbs) -> None:
     p.add_argument("bundles", nargs="+", metavar="BUNDLE_DIR")
     p.add_argument("--cache-dir", metavar="DIR", help="where engines go (default: DIFFAD_ENGINE_CACHE)")
     p.add_argument("--fp16", action="store_true", help="build fp16 engines (default fp32)")
+    p.add_argument("--or-fp32", action="store_true",
+                   help="with --fp16: build an fp32 engine, with a warning, for a bundle this TensorRT cannot build "
+                        "fp16 from (TensorRT 11 and a bundle exported without model.fp16.onnx) instead of failing")
     p.add_argument("--min-batch", type=_positive_int, help="engine profile: smallest batch (default 1)")
     p.add_argument("--opt-batch", type=_positive_int, help="engine profile: batch tuned for (default 8)")
     p.add_argument("--max-batch", type=_positive_int, help="engine profile: largest batch (default 32)")
@@ -448,12 +451,14 @@ def _serve(args) -> int:
 
 
 def _engines(args) -> int:
+    import dataclasses
     import os
 
     from .export.bundle import load_bundle
     from .export.tensorrt_engine import (
         EngineBuildError,
         EngineOptions,
+        FP16GraphMissing,
         TensorRTUnavailable,
         build_cached_engine,
         join_words,
@@ -475,7 +480,14 @@ def _engines(args) -> int:
     results = []
     for bundle_dir in args.bundles:
         try:
-            results.append(build_cached_engine(bundle_dir, cache_dir, options))
+            try:
+                results.append(build_cached_engine(bundle_dir, cache_dir, options))
+            except FP16GraphMissing as e:
+                if not args.or_fp32:
+                    raise
+                print(f"diffad engines: warning: {bundle_dir}: {e}. Building an fp32 engine instead (--or-fp32).",
+                      file=sys.stderr)
+                results.append(build_cached_engine(bundle_dir, cache_dir, dataclasses.replace(options, fp16=False)))
         except (EngineBuildError, TensorRTUnavailable) as e:
             print(f"diffad engines: error: {bundle_dir}: {e}", file=sys.stderr)
             return 1

@@ -267,6 +267,10 @@ FP16_GRAPH_MISSING = ("re-export the bundle with `diffad export` (which writes m
                       "engine, or use TensorRT 10 (pip install 'tensorrt>=10,<11')")
 
 
+class FP16GraphMissing(TensorRTUnavailable):
+    """TensorRT 11 asked for an fp16 engine from a bundle exported without model.fp16.onnx."""
+
+
 def trt_major(trt_version: str) -> int:
     try:
         return int(str(trt_version).split(".")[0])
@@ -290,7 +294,7 @@ def builder_plan(trt_version: str, precision: str, has_fp16_graph: bool) -> Buil
     if precision == "fp32":
         return BuilderPlan("fp32", True, (), ("TF32",))
     if not has_fp16_graph:
-        raise TensorRTUnavailable(
+        raise FP16GraphMissing(
             f"TensorRT {trt_version} builds only strongly typed networks (no FP16 builder flag), so an fp16 engine "
             f"needs the bundle's fp16 graph, and this bundle has none: {FP16_GRAPH_MISSING}")
     return BuilderPlan("fp16", True, (), ())

@@ -918,7 +918,7 @@ def test_entrypoint_builds_engines_then_execs_serve(stub):
     result, calls = run_entrypoint(stub, "--port", "9000", "--log-level", "debug", DIFFAD_MAX_BATCH_SIZE="16")
     assert result.returncode == 0, result.stderr
     m, c = stub / "models", stub / "cache"
-    assert calls[0] == f"engines [{m}/a] [{m}/b c] [--cache-dir] [{c}] [--fp16] [--max-batch] [16]"
+    assert calls[0] == f"engines [{m}/a] [{m}/b c] [--cache-dir] [{c}] [--fp16] [--or-fp32] [--max-batch] [16]"
     assert calls[2] == f"serve [{m}/a] [{m}/b c] [--port] [9000] [--log-level] [debug]"
     assert calls[3].endswith(f"models=unset cache={c}")
     assert c.is_dir()

@@ -280,3 +280,32 @@ def test_tensorrt_backend_pads_a_batch_below_the_profile_minimum(monkeypatch):
     assert scores.tolist() == [10.0, 20.0] and maps.shape == (2, 1, 2, 2)
     backend(np.zeros((5, 3, 2, 2), np.uint8))
     assert seen == [4, 5], "a batch inside the profile is not padded"
+
+
+@pytest.mark.parametrize("or_fp32", [False, True])
+def test_engines_cli_builds_fp32_for_a_bundle_without_the_fp16_graph_only_when_asked(monkeypatch, tmp_path, capsys,
+                                                                                      or_fp32):
+    """`diffad engines --fp16 --or-fp32` (what the container entrypoint runs): an old bundle on TensorRT 11 gets
+    an fp32 engine and a warning; without --or-fp32 it fails with the reason. Our CLI's logic, not TensorRT."""
+    from diffad import cli
+
+    builds = []
+
+    def fake_build(bundle_dir, cache_dir, options):
+        builds.append(options.precision)
+        if options.precision == "fp16":
+            te.builder_plan("11.4.0.106", "fp16", has_fp16_graph=False)  # raises what the real build would
+        return {"bundle": str(bundle_dir), "status": "built", "file": f"{cache_dir}/x.{options.precision}.engine"}
+
+    monkeypatch.setattr(te, "missing_for_tensorrt", lambda: [])
+    monkeypatch.setattr(te, "build_cached_engine", fake_build)
+    monkeypatch.setattr("diffad.export.bundle.load_bundle", lambda path: None)
+    argv = ["engines", str(tmp_path / "old_bundle"), "--cache-dir", str(tmp_path / "cache"), "--fp16"]
+    status = cli.main(argv + (["--or-fp32"] if or_fp32 else []))
+    out, err = capsys.readouterr()
+    assert "needs the bundle's fp16 graph" in err
+    if or_fp32:
+        assert status == 0 and builds == ["fp16", "fp32"]
+        assert "Building an fp32 engine instead" in err and "x.fp32.engine" in out
+    else:
+        assert status == 1 and builds == ["fp16"] and "error:" in err
