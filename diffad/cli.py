@@ -170,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fp16-graph", dest="fp16_graph", action="store_false",
                    help="leave out model.fp16.onnx (the pipeline with both networks in fp16, checked against "
                    "the fp32 graph), from which TensorRT 11 builds fp16 engines; TensorRT 10 does not need it")
+    p.add_argument("--mode", choices=("one-step", "d3ad", "d3ad-fixed"), default="one-step",
+                   help="the reconstruction in the graph: one-step (default: norm-guided, 2 UNet passes); d3ad "
+                   "(noise-free, input-guided 10-step DDIM from a noise level per image, chosen by its one-step "
+                   "score among good held-out images': 12 UNet passes); d3ad-fixed (the same from the highest "
+                   "level for every image: 10 passes). The d3ad modes calibrate their own threshold on good "
+                   "images the run did not train on")
+    p.add_argument("--good-images", metavar="DIR",
+                   help="with --mode d3ad*: a folder of good images the run did not train on (default: the run's "
+                   "held-out images, else the category's validation/good)")
     p.add_argument("--overwrite", action="store_true", help="replace BUNDLE_DIR if it exists")
     p.add_argument("--tensorrt", action="store_true",
                    help="also build a TensorRT engine for this GPU; without a GPU, the tensorrt package or "
@@ -396,7 +405,7 @@ def _export(args) -> int:
         raise ValueError(f"{flags} {'needs' if len(given) == 1 else 'need'} --tensorrt")
     engine = EngineOptions.from_partial(**given) if args.tensorrt else None  # checked before the export
     options = ExportOptions(input_dtype=args.input_dtype, name=args.name, overwrite=args.overwrite,
-                            tensorrt=engine, fp16_graph=args.fp16_graph,
+                            tensorrt=engine, fp16_graph=args.fp16_graph, mode=args.mode, good_images=args.good_images,
                             **({"opset": args.opset} if args.opset is not None else {}))
     try:
         manifest = export_bundle(args.run_dir, args.out, options)

@@ -21,12 +21,13 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
-from ..evaluation.evaluate import load_calibration
+from ..evaluation.d3ad import EXPORT_MODES, calibrate_d3ad, good_images_for, read_good_images
+from ..evaluation.evaluate import Calibration, load_calibration
 from ..models import checkpoint as ckpt
 from .bundle import (
     INPUT_DTYPES,
@@ -72,12 +73,16 @@ class ExportOptions:
     tensorrt: EngineOptions | None = None    # also build a TensorRT engine (where possible)
     parity_batch_sizes: tuple[int, ...] = (1, 8)
     fp16_graph: bool = True                  # also write model.fp16.onnx (TensorRT 11 builds fp16 from it)
+    mode: str = "one-step"                   # the reconstruction in the graph: one-step, d3ad or d3ad-fixed
+    good_images: str | None = None           # d3ad: good images the run did not train on (default: its held-out)
 
     def __post_init__(self):  # fail before the slow part
         if self.input_dtype not in INPUT_DTYPES:
             raise ValueError(f"input dtype must be one of {', '.join(INPUT_DTYPES)}, got {self.input_dtype!r}")
         if self.opset < MIN_OPSET:
             raise ValueError(f"opset must be at least {MIN_OPSET}, got {self.opset}")
+        if self.mode not in EXPORT_MODES:
+            raise ValueError(f"mode must be one of {', '.join(EXPORT_MODES)}, got {self.mode!r}")
 
 
 def export_bundle(run_dir: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions()) -> dict:
@@ -90,13 +95,21 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, options: ExportOptio
     if out_dir.resolve() == run_dir.resolve():
         raise ValueError("the bundle folder must differ from the run folder")
     model = ckpt.load_model(run_dir)  # CheckpointError names the file when it is missing or broken
+    calibration = None  # None: the run's calibration.json
+    if EXPORT_MODES[options.mode] != "off":
+        good = good_images_for(run_dir, options.good_images)
+        d3ad, calibration = calibrate_d3ad(model, read_good_images(good, model), EXPORT_MODES[options.mode])
 
     staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         onnx_info = export_onnx(model, staging / ONNX_FILE, options.input_dtype, options.opset)
-        shutil.copyfile(run_dir / ckpt.MODEL_FILE, staging / WEIGHTS_FILE)
+        if calibration is None:
+            shutil.copyfile(run_dir / ckpt.MODEL_FILE, staging / WEIGHTS_FILE)
+        else:  # the weights with the configuration the graph was made from (its D3AD mode and bins)
+            metadata = ckpt.read_metadata(run_dir / ckpt.MODEL_FILE)
+            ckpt.save_model(staging / WEIGHTS_FILE, model, {k: v for k, v in metadata.items() if k != "config"})
 
         cfg = model.config
         images = parity_images(cfg.image_size, cfg.in_channels, count=max(options.parity_batch_sizes))
@@ -105,7 +118,7 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, options: ExportOptio
             raise ParityError("the ONNX graph does not match the PyTorch model: " + "; ".join(parity["failures"])
                               + f". No bundle was written to {out_dir}")
 
-        manifest = build_manifest(model, run_dir, options, {**onnx_info.to_dict(), "parity": parity})
+        manifest = build_manifest(model, run_dir, options, {**onnx_info.to_dict(), "parity": parity}, calibration)
         if options.fp16_graph:
             manifest["onnx_fp16"] = export_fp16_graph(model, staging, options, images)
         seal_bundle(staging, manifest)
@@ -140,10 +153,12 @@ def export_fp16_graph(model, staging: Path, options: ExportOptions, images) -> d
     return {**info.to_dict(), "parity": parity}
 
 
-def build_manifest(model, run_dir: Path, options: ExportOptions, onnx_block: dict) -> dict:
-    """bundle.json's content, less the file hashes (seal_bundle adds them)."""
+def build_manifest(model, run_dir: Path, options: ExportOptions, onnx_block: dict,
+                   calibration: Calibration | None = None) -> dict:
+    """bundle.json's content, less the file hashes (seal_bundle adds them). `calibration`: the threshold
+    when it is not the run's calibration.json (a D3AD export calibrates its own scores)."""
     cfg = model.config
-    calibration = load_calibration(run_dir)
+    calibration = calibration or load_calibration(run_dir)
     if calibration is None:
         log.warning("%s has no calibration.json: the bundle's threshold is null and scores cannot be "
                     "normalised; run `diffad evaluate %s DATA_DIR` first, then export again", run_dir, run_dir)
@@ -161,6 +176,7 @@ def build_manifest(model, run_dir: Path, options: ExportOptions, onnx_block: dic
         "noise_seed": cfg.noise_seed,
         "top_k": cfg.top_k,
         "map_sigma": cfg.map_sigma,
+        "reconstruction": {"mode": options.mode, **({} if cfg.d3ad.mode == "off" else {"d3ad": asdict(cfg.d3ad)})},
         "input_standardization": {"mean": list(cfg.input_mean), "std": list(cfg.input_std),
                                   "formula": "(image / 255 - mean) / std per channel, inside the graph"},
         "threshold": None if calibration is None else float(calibration.threshold),

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .d3ad import D3ADConfig, guided_reconstruction, score_bins, start_steps
 from .schedule import LinearNoiseSchedule, ScheduleConfig, clamp
 from .segmentation import SegmentationConfig, SegmentationNet
 from .unet import UNet, UNetConfig
@@ -40,6 +41,7 @@ class ModelConfig:
     input_mean: tuple[float, ...] = ()
     input_std: tuple[float, ...] = ()
     map_sigma: float = 0.0      # Gaussian smoothing of the map (pixels) before the score; 0 = none
+    d3ad: D3ADConfig = field(default_factory=D3ADConfig)  # mode "off": the one-step reconstruction
 
     def __post_init__(self):
         self.input_mean = tuple(float(v) for v in self.input_mean) or (0.5,) * self.in_channels
@@ -57,6 +59,8 @@ class ModelConfig:
         self.segmentation.in_channels = 2 * self.in_channels
         if not 0 <= self.t_s < self.t_l < self.schedule.num_steps:
             raise ValueError(f"need 0 <= t_s < t_l < {self.schedule.num_steps}, got t_s={self.t_s}, t_l={self.t_l}")
+        if self.d3ad.max_step >= self.schedule.num_steps:
+            raise ValueError(f"d3ad max_step must be below {self.schedule.num_steps}, got {self.d3ad.max_step}")
         if not 1 <= self.top_k <= self.image_size**2:
             raise ValueError(f"top_k must be in 1..{self.image_size ** 2}, got {self.top_k}")
 
@@ -75,6 +79,7 @@ class ModelConfig:
         seg = d.pop("segmentation")
         seg = SegmentationConfig(**{**seg, "channel_mults": tuple(seg["channel_mults"])})
         schedule = ScheduleConfig(**d.pop("schedule"))
+        d["d3ad"] = D3ADConfig(**d.get("d3ad", {}))  # files from before D3AD lack it: one-step
         for key in ("input_mean", "input_std"):  # JSON has lists; files from before these fields lack them
             d[key] = tuple(d.get(key, ()))
         return cls(unet=unet, segmentation=seg, schedule=schedule, **d)
@@ -116,6 +121,13 @@ class DiffusionAD(nn.Module):
         self.register_buffer("input_std", torch.tensor(config.input_std).view(shape), persistent=False)
         kernel = gaussian_kernel(config.map_sigma) if config.map_sigma > 0 else torch.ones(1)
         self.register_buffer("map_kernel", kernel, persistent=False)
+        self.register_buffer("d3ad_bin_edges", torch.tensor(config.d3ad.bin_edges or (0.0,)), persistent=False)
+
+    def set_d3ad(self, d3ad: D3ADConfig) -> None:
+        """Switch the reconstruction: D3AD (fixed or dynamic noise level) or back to one-step (mode "off")."""
+        self.config.d3ad = d3ad
+        with torch.inference_mode(False):  # as set_map_sigma: a buffer that can still be traced
+            self.d3ad_bin_edges = torch.tensor(d3ad.bin_edges or (0.0,), device=self.d3ad_bin_edges.device)
 
     def set_map_sigma(self, sigma: float) -> None:
         """Change the map smoothing (training chooses it on the validation set); 0 turns it off."""
@@ -174,6 +186,27 @@ class DiffusionAD(nn.Module):
         x0_l = clamp(sched.predict_x0(x_tl, cfg.t_l, eps[n:]), self.pixel_bounds)
         return sched.guided_x0(x0_s, x0_l, cfg.t_s, cfg.w, self.pixel_bounds)
 
+    def reconstruct_d3ad(self, x: torch.Tensor) -> torch.Tensor:
+        """D3AD's noise-free, input-guided DDIM (models/d3ad.py) from each image's start step: max_step
+        ("fixed"), or from the bin of its one-step score among good images' ("dynamic")."""
+        d3ad = self.config.d3ad
+        if d3ad.mode == "dynamic":
+            first_score = self.score(self.anomaly_map(x, self.reconstruct(x)))
+            start = start_steps(score_bins(first_score, self.d3ad_bin_edges), d3ad.max_step)
+        else:
+            start = torch.full((x.shape[0],), d3ad.max_step, dtype=torch.long, device=x.device)
+        return guided_reconstruction(self._eps, self.schedule.alpha_bar, x, start, d3ad.steps, d3ad.w,
+                                     self.pixel_bounds)
+
+    def d3ad_start_steps(self, images: torch.Tensor) -> torch.Tensor:
+        """The start step each image gets in "dynamic" mode (for inspection and tests)."""
+        x = self.normalize(images)
+        first_score = self.score(self.anomaly_map(x, self.reconstruct(x)))
+        return start_steps(score_bins(first_score, self.d3ad_bin_edges), self.config.d3ad.max_step)
+
+    def _eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._in_fp32(self.unet(self._to_network(x_t), t))
+
     def segment(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         """Anomaly logits [N, 1, H, W] for images and their reconstructions, both normalised."""
         return self._in_fp32(self.segmentation(self._to_network(torch.cat([x, reconstruction], dim=1))))
@@ -200,7 +233,8 @@ class DiffusionAD(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [N, C, H, W] in [0, 1] -> (anomaly map [N, 1, H, W] in [0, 1], score [N])."""
         x = self.normalize(images)
-        anomaly_map = self.anomaly_map(x, self.reconstruct(x))
+        reconstruction = self.reconstruct(x) if self.config.d3ad.mode == "off" else self.reconstruct_d3ad(x)
+        anomaly_map = self.anomaly_map(x, reconstruction)
         return anomaly_map, self.score(anomaly_map)
 
     # --- iterative reconstruction, for comparison ------------------------------------------------

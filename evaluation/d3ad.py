@@ -1,0 +1,72 @@
+"""What a D3AD bundle needs from good images the model did not train on (never test images): the
+histogram of their one-step scores (which sets each image's noise level, models/d3ad.py) and the
+threshold of the D3AD scores themselves (one-step's calibration does not carry over: the scores differ)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..models import checkpoint as ckpt
+from ..models.d3ad import D3ADConfig, score_histogram_edges
+from ..models.diffusionad import DiffusionAD
+from ..training.data import IMAGE_SUFFIXES, find_validation_images, read_image
+from .evaluate import Calibration, predict
+from .metrics import threshold_from_quantile
+
+log = logging.getLogger("diffad.d3ad")
+
+# "d3ad" is the paper's method (a noise level per image); "d3ad-fixed" every image from max_step
+EXPORT_MODES = {"one-step": "off", "d3ad": "dynamic", "d3ad-fixed": "fixed"}
+
+
+def good_images_for(run_dir: str | Path, given: str | Path | None = None) -> list[Path]:
+    """Good images the run did not train on: `given` (a folder), else the images the run held out of
+    train/good, else the category's validation/good."""
+    if given is not None:
+        folder = Path(given)
+        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        if len(found) < 2:
+            raise ValueError(f"--good-images {folder}: need a folder with at least 2 good images")
+        return found
+    config_file = Path(run_dir) / ckpt.CONFIG_FILE
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    held = [Path(p) for p in config.get("held_out_images") or [] if Path(p).is_file()]
+    if len(held) >= 2:
+        return held
+    if config.get("data_dir"):
+        validation = find_validation_images(config["data_dir"])
+        if len(validation) >= 2:
+            return validation
+    raise ValueError(f"{run_dir} names no good images it did not train on (its held-out images or the category's "
+                     "validation/good): give a folder of them with --good-images DIR")
+
+
+def calibrate_d3ad(model: DiffusionAD, good_images: np.ndarray, mode: str, quantile: float = 0.99,
+                   batch_size: int = 8, progress: bool = True) -> tuple[D3ADConfig, Calibration]:
+    """The D3AD settings for `mode` ("fixed" or "dynamic") and the threshold of its scores, from good
+    images [N, H, W, C] in [0, 1]. The model is left in that mode."""
+    base = model.config.d3ad
+    model.set_d3ad(D3ADConfig(mode="off", steps=base.steps, w=base.w, max_step=base.max_step))
+    edges = ()
+    if mode == "dynamic":
+        _, one_step_scores = predict(model, good_images, batch_size, "one-step scores of good images", progress)
+        edges = score_histogram_edges(one_step_scores)
+        log.info("d3ad: one-step scores of %d good images span %.4f..%.4f (10 bins)", len(good_images), edges[0],
+                 edges[-1])
+    d3ad = D3ADConfig(mode=mode, steps=base.steps, w=base.w, max_step=base.max_step, bin_edges=edges)
+    model.set_d3ad(d3ad)
+    _, scores = predict(model, good_images, batch_size, f"d3ad ({mode}) scores of good images", progress)
+    threshold = threshold_from_quantile(scores, quantile)
+    calibration = Calibration(threshold, f"quantile {quantile} of held-out good images (d3ad {mode})",
+                              float(scores.min()), float(scores.max()), len(good_images))
+    log.info("d3ad (%s): threshold %.4f from %d good images", mode, threshold, len(good_images))
+    return d3ad, calibration
+
+
+def read_good_images(paths: list[Path], model: DiffusionAD) -> np.ndarray:
+    cfg = model.config
+    return np.stack([read_image(p, cfg.image_size, cfg.in_channels) for p in paths])
