@@ -3,11 +3,12 @@
 Four sections, measured one after another in this process (so their ratios mean something on a noisy
 machine), printed as one JSON object on stdout; progress goes to stderr:
 
-  reconstruction  norm-guided one-step (the model's forward), DDIM from t_s in 10 and 50 steps and full
-                  DDPM ancestral denoising from t_s (t_s + 1 UNet passes), each followed by the same
+  reconstruction  norm-guided one-step (the model's forward), DDIM from t_s in 10 and 50 steps, full
+                  DDPM ancestral denoising from t_s (t_s + 1 UNet passes), and D3AD's noise-free guided DDIM
+                  from a fixed and from a per-image noise level (models/d3ad.py), each followed by the same
                   segmentation and top-k score: seconds per image, slowdown against one-step, and the
                   detection metrics on a stratified subset of the test set (--limit images, good and
-                  defective in the test set's proportions)
+                  defective in the test set's proportions). `--methods` picks among them.
   backends        ONNX Runtime (the bundle's model.onnx) against PyTorch eager at each --batch: images/s
                   and their ratio, with the largest difference between the two on the same images
   compute         achieved FLOP/s of each backend at the largest --batch (2 x the counted MACs per image x
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import io
 import logging
 import os
@@ -42,6 +44,8 @@ from .quality import METRICS
 
 log = logging.getLogger("diffad.bench.speed")
 
+METHODS = ("one-step", "ddim", "ancestral", "d3ad-fixed", "d3ad")
+
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="backend batch sizes (default 1 8)")
     p.add_argument("--recon-batch", type=int, default=8, help="batch size of the reconstruction comparison (default 8)")
     p.add_argument("--ddim-steps", type=int, nargs="+", default=[10, 50], help="DDIM step counts (default 10 50)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"reconstructions compared, comma-separated among {', '.join(METHODS)} (default all; "
+                   "d3ad, the per-image level, needs good images the model did not train on: a run's held-out "
+                   "images, or the bins of a bundle exported with --mode d3ad)")
     p.add_argument("--seconds", type=float, default=5.0,
                    help="time measured per backend and batch size; also the least time over which the fast "
                    "reconstructions are repeated (default 5)")
@@ -147,8 +155,34 @@ def tile_batch(images: np.ndarray, batch: int) -> np.ndarray:
 
 
 # --- (a) reconstruction methods ---------------------------------------------------------------------
+def d3ad_settings(model, source_path: Path, mode: str):
+    """D3AD settings for `mode` on this model: a bundle's own (exported with --mode d3ad), else bins from the
+    one-step scores of the run's held-out good images; None (with the reason logged) when there are none."""
+    import dataclasses
+
+    from ..evaluation.d3ad import good_images_for, read_good_images
+    from ..evaluation.evaluate import predict
+    from ..models.d3ad import D3ADConfig, score_histogram_edges
+
+    own = model.config.d3ad
+    if mode == "fixed" or own.bin_edges:
+        return dataclasses.replace(own, mode=mode)
+    run_dir = source_path if source_path.is_dir() else source_path.parent
+    try:
+        good = read_good_images(good_images_for(run_dir), model)
+    except ValueError as e:
+        log.warning("d3ad (per-image level) left out: %s", e)
+        return None
+    _, scores = predict(model, good, 8, "one-step scores of held-out good images")
+    return D3ADConfig(mode="dynamic", steps=own.steps, w=own.w, max_step=own.max_step,
+                      bin_edges=score_histogram_edges(scores))
+
+
 def compare_reconstructions(model, images: np.ndarray, masks: np.ndarray, labels: np.ndarray, batch_size: int,
-                            ddim_steps: list[int], min_seconds: float) -> dict:
+                            ddim_steps: list[int], min_seconds: float, methods_asked=METHODS,
+                            d3ad: dict | None = None) -> dict:
+    """`d3ad`: {"d3ad-fixed": D3ADConfig, "d3ad": D3ADConfig} for the D3AD rows (a missing one is left out).
+    The model's own reconstruction must be one-step (its forward is the one-step row)."""
     import torch
 
     from ..evaluation.evaluate import pipeline, predict, reconstruction_method
@@ -156,9 +190,20 @@ def compare_reconstructions(model, images: np.ndarray, masks: np.ndarray, labels
     from .throughput import time_batches
 
     cfg = model.config
-    methods = [("one-step", None, 2)]
-    methods += [(f"ddim-{k}", ("ddim", k), len(model.schedule.ddim_timesteps(cfg.t_s, k))) for k in ddim_steps]
-    methods += [("ancestral", ("ancestral", None), cfg.t_s + 1)]
+    if cfg.d3ad.mode != "off":
+        raise ValueError("compare_reconstructions needs the model in one-step mode (set_d3ad(D3ADConfig()))")
+    methods = [("one-step", None, 2)] if "one-step" in methods_asked else []
+    if "ddim" in methods_asked:
+        methods += [(f"ddim-{k}", ("ddim", k), len(model.schedule.ddim_timesteps(cfg.t_s, k))) for k in ddim_steps]
+    if "ancestral" in methods_asked:
+        methods += [("ancestral", ("ancestral", None), cfg.t_s + 1)]
+    for name in ("d3ad-fixed", "d3ad"):
+        settings = (d3ad or {}).get(name)
+        if name in methods_asked and settings is not None:
+            passes = settings.steps + (2 if settings.mode == "dynamic" else 0)  # the one-step first pass
+            methods.append((name, ("d3ad", None, settings), passes))
+    if not methods or methods[0][0] != "one-step":
+        raise ValueError("--methods must include one-step: the other rows are measured against it")
     # Warm-up, not timed: first calls at a new input shape allocate and choose kernels. Every shape the
     # timed runs meet: full and last batches, through the UNet at n (iterative) and 2n (one-step) images.
     with torch.inference_mode():
@@ -191,11 +236,17 @@ def compare_reconstructions(model, images: np.ndarray, masks: np.ndarray, labels
     for row in rows:
         row["slowdown_vs_one_step"] = round(row["seconds_per_image"] / base, 2)
         row["seconds_per_image"] = round(row["seconds_per_image"], 6)
-    return {"batch_size": batch_size, "t_s": cfg.t_s, "t_l": cfg.t_l,
-            "note": "one-step = two UNet passes as one batched call (t_s and t_l), the norm-guided blend; DDIM "
-                    "(eta 0) and ancestral start from the image noised at t_s with the model's fixed noise; "
-                    "ancestral draws seeded step noise; all use the same segmentation and top-k score",
-            "methods": rows}
+    out = {"batch_size": batch_size, "t_s": cfg.t_s, "t_l": cfg.t_l,
+           "note": "one-step = two UNet passes as one batched call (t_s and t_l), the norm-guided blend; DDIM "
+                   "(eta 0) and ancestral start from the image noised at t_s with the model's fixed noise; "
+                   "ancestral draws seeded step noise; d3ad-fixed / d3ad: noise-free input-guided DDIM from "
+                   "max_step / from a level per image (its one-step score's bin among held-out good images'); "
+                   "all use the same segmentation and top-k score",
+           "methods": rows}
+    used = {name: dataclasses.asdict(v) for name, v in (d3ad or {}).items() if v is not None}
+    if used:
+        out["d3ad"] = used
+    return out
 
 
 # --- (b) ONNX Runtime against PyTorch eager ---------------------------------------------------------
@@ -397,9 +448,20 @@ def run(args) -> int:
                      "good": int((labels == 0).sum()), "defective": int(labels.sum()),
                      "defect_types": sorted({s.defect_type for s in chosen} - {"good"}), "limit": args.limit},
         }
+        from ..models.d3ad import D3ADConfig
+
+        methods_asked = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = sorted(set(methods_asked) - set(METHODS))
+        if unknown:
+            raise ValueError(f"--methods: unknown {', '.join(unknown)}; choose among {', '.join(METHODS)}")
+        d3ad = {name: d3ad_settings(model, source.path, mode) for name, mode in
+                (("d3ad-fixed", "fixed"), ("d3ad", "dynamic")) if name in methods_asked}
+        own = model.config.d3ad
+        model.set_d3ad(D3ADConfig(steps=own.steps, w=own.w, max_step=own.max_step))  # its forward: one-step
         log.info("(a) reconstruction methods on %d images", len(chosen))
         out["reconstruction"] = compare_reconstructions(model, images, masks, labels, args.recon_batch,
-                                                        args.ddim_steps, args.seconds)
+                                                        args.ddim_steps, args.seconds, methods_asked, d3ad)
+        model.set_d3ad(own)  # the backends section compares the bundle's graph with this model
         uint8 = as_uint8_nchw(images)
         log.info("(b) ONNX Runtime against PyTorch eager at batch %s", ", ".join(map(str, batches)))
         out["backends"] = compare_backends(model, bundle, uint8, batches, args.seconds, args.threads)

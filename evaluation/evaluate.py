@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..models import checkpoint as ckpt
+from ..models.d3ad import D3ADConfig
 from ..models.diffusionad import DiffusionAD
 from ..training.data import find_test_samples, find_validation_images, read_image, read_mask
 from .metrics import compute_metrics, per_defect_type, threshold_from_f1, threshold_from_quantile
@@ -51,11 +52,17 @@ class Calibration:
 Reconstruction = Callable[[torch.Tensor], torch.Tensor]
 
 
-def reconstruction_method(model: DiffusionAD, method: str, steps: int | None = None) -> Reconstruction | None:
+def reconstruction_method(model: DiffusionAD, method: str, steps: int | None = None,
+                          d3ad: D3ADConfig | None = None) -> Reconstruction | None:
     """A reconstruction of x (normalised) by name: "one-step" (None: the model's own forward, norm-guided),
-    "ddim" (DDIM from t_s in `steps` UNet passes) or "ancestral" (DDPM from t_s, t_s + 1 passes)."""
+    "ddim" (DDIM from t_s in `steps` UNet passes), "ancestral" (DDPM from t_s, t_s + 1 passes) or "d3ad"
+    (D3AD's guided DDIM with the settings `d3ad`, models/d3ad.py)."""
     if method == "one-step":
         return None
+    if method == "d3ad":
+        if d3ad is None or d3ad.mode == "off":
+            raise ValueError("the d3ad reconstruction needs D3AD settings with mode fixed or dynamic")
+        return lambda x: model.reconstruct_d3ad(x, d3ad)
     if method == "ddim":
         if not steps or steps < 1:
             raise ValueError(f"DDIM needs a positive number of steps, got {steps}")

@@ -186,13 +186,15 @@ class DiffusionAD(nn.Module):
         x0_l = clamp(sched.predict_x0(x_tl, cfg.t_l, eps[n:]), self.pixel_bounds)
         return sched.guided_x0(x0_s, x0_l, cfg.t_s, cfg.w, self.pixel_bounds)
 
-    def reconstruct_d3ad(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct_d3ad(self, x: torch.Tensor, d3ad: D3ADConfig | None = None) -> torch.Tensor:
         """D3AD's noise-free, input-guided DDIM (models/d3ad.py) from each image's start step: max_step
-        ("fixed"), or from the bin of its one-step score among good images' ("dynamic")."""
-        d3ad = self.config.d3ad
+        ("fixed"), or from the bin of its one-step score among good images' ("dynamic"). `d3ad`: other
+        settings than the model's own (benchmarks compare modes on one model)."""
+        edges = self.d3ad_bin_edges if d3ad is None else torch.tensor(d3ad.bin_edges or (0.0,), device=x.device)
+        d3ad = d3ad or self.config.d3ad
         if d3ad.mode == "dynamic":
             first_score = self.score(self.anomaly_map(x, self.reconstruct(x)))
-            start = start_steps(score_bins(first_score, self.d3ad_bin_edges), d3ad.max_step)
+            start = start_steps(score_bins(first_score, edges), d3ad.max_step)
         else:
             start = torch.full((x.shape[0],), d3ad.max_step, dtype=torch.long, device=x.device)
         return guided_reconstruction(self._eps, self.schedule.alpha_bar, x, start, d3ad.steps, d3ad.w,

@@ -26,6 +26,7 @@ from diffad.export import exporter
 from diffad.models import checkpoint as ckpt
 from diffad.models.presets import count_gmac
 from diffad.training.data import TestSample as Sample
+from diffad.training.data import read_image
 from diffad.training.demo_data import make_category
 from test_service import make_tiny_bundle
 from tiny_models import perturbed_tiny_model
@@ -129,8 +130,9 @@ def test_bench_speed_on_a_tiny_bundle(bundle_dir, category, tmp_path, capsys):
 
     # (a) reconstruction methods
     methods = {m["method"]: m for m in result["reconstruction"]["methods"]}
-    assert list(methods) == ["one-step", "ddim-2", "ddim-5", "ancestral"]
-    assert [m["unet_passes_per_image"] for m in methods.values()] == [2, 2, 5, 201]
+    # D3AD from a per-image level needs held-out good images, which a bundle does not name: left out
+    assert list(methods) == ["one-step", "ddim-2", "ddim-5", "ancestral", "d3ad-fixed"]
+    assert [m["unet_passes_per_image"] for m in methods.values()] == [2, 2, 5, 201, 10]
     for m in methods.values():
         assert m["seconds_per_image"] > 0
         for name in METRICS:
@@ -488,3 +490,31 @@ def main_precision(argv):
     from diffad.benchmarks import precision
 
     return precision.main(argv)
+
+
+def test_bench_speed_compares_d3ad_levels_on_a_run_with_held_out_images(category, tmp_path, capsys):
+    """The D3AD rows on a run: the per-image level's bins come from the run's held-out good images (never
+    the test set), and the one-step row is the model's one-step forward."""
+    run = tmp_path / "run"
+    ckpt.save_model(run / ckpt.MODEL_FILE, perturbed_tiny_model(channels=1))
+    held_out = sorted((category / "train" / "good").glob("*.png"))[:4]
+    (run / ckpt.CONFIG_FILE).write_text(json.dumps({"held_out_images": [str(p) for p in held_out]}))
+    argv = ["bench", "speed", str(run), str(category), *FAST_SPEED, "--methods", "one-step,d3ad-fixed,d3ad",
+            "--no-service"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    methods = {m["method"]: m for m in result["reconstruction"]["methods"]}
+    assert list(methods) == ["one-step", "d3ad-fixed", "d3ad"]
+    assert [m["unet_passes_per_image"] for m in methods.values()] == [2, 10, 12]
+    settings = result["reconstruction"]["d3ad"]
+    assert settings["d3ad-fixed"]["mode"] == "fixed" and settings["d3ad"]["mode"] == "dynamic"
+    assert len(settings["d3ad"]["bin_edges"]) == 11
+    model = ckpt.load_model(run)
+    with torch.no_grad():
+        _, good_scores = model(torch.from_numpy(np.stack([read_image(p, 32, 1) for p in held_out])).permute(0, 3, 1, 2))
+    assert settings["d3ad"]["bin_edges"][0] == pytest.approx(float(good_scores.min()), abs=1e-5)
+    assert settings["d3ad"]["bin_edges"][-1] == pytest.approx(float(good_scores.max()), abs=1e-5)
+    assert methods["d3ad"]["seconds_per_image"] > methods["one-step"]["seconds_per_image"]
+    assert main(["bench", "speed", str(run), str(category), "--methods", "ddim,d3ad-fixed", "--no-service",
+                 *FAST_SPEED]) == 2
+    assert "must include one-step" in capsys.readouterr().err
