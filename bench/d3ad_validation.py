@@ -1,0 +1,84 @@
+"""Score D3AD settings on a run's own validation set, to choose among them without test labels.
+
+The validation set is rebuilt as training built it (the same held-out good images, the same fixed-seed
+synthetic anomalies). The per-image level's bins come from the one-step scores of the same held-out good
+images, as `diffad export --mode d3ad` makes them. Each row: validation image AUROC, pixel AUROC, pixel AP
+and their mean (the score training selects checkpoints by), and seconds per image.
+
+    python bench/d3ad_validation.py ../shared/datasets/dagm_class1 runs/bench/dagm_class1_small_seed0 \\
+        --w 1,4 --max-step 64,128 --json bench/results/tuning/dagm_class1_d3ad_validation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffad.benchmarks.throughput import emit, machine
+from diffad.evaluation.evaluate import predict, reconstruction_method
+from diffad.models import checkpoint as ckpt
+from diffad.models.d3ad import D3ADConfig, score_histogram_edges
+from diffad.training.data import find_train_images, read_images
+from diffad.training.synthesis import estimate_foreground
+from diffad.training.trainer import _train_config_from_dict, split_validation, validation_metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("run", type=Path, help="a run folder trained on data_dir")
+    parser.add_argument("--w", default="4", help="comma-separated guidance weights (default 4, the paper's)")
+    parser.add_argument("--max-step", default="128", help="comma-separated highest levels (default 128)")
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps (default 10)")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args()
+
+    saved = json.loads((args.run / ckpt.CONFIG_FILE).read_text())
+    train_cfg = _train_config_from_dict(saved["train"])
+    model = ckpt.load_model(args.run).eval()
+    size, channels = model.config.image_size, model.config.in_channels
+    paths = find_train_images(args.data_dir)
+    images = read_images(paths, size, channels)
+    foregrounds = (np.stack([estimate_foreground(im) for im in images])
+                   if train_cfg.synthesis.foreground == "auto" else None)
+    *_, vset, _ = split_validation(args.data_dir, paths, images, foregrounds, channels,
+                                   train_cfg.validation_fraction, train_cfg.synthesis)
+    good = vset.images[vset.labels == 0]
+
+    def row(name: str, d3ad: D3ADConfig | None) -> dict:
+        reconstruct = None if d3ad is None else reconstruction_method(model, "d3ad", d3ad=d3ad)
+        started = time.perf_counter()
+        maps, scores = predict(model, vset.images, 8, desc=name, reconstruct=reconstruct)
+        seconds = (time.perf_counter() - started) / len(vset)
+        metrics = validation_metrics(vset, maps, scores)
+        result = {"method": name, **{k: round(v, 4) for k, v in metrics.items()},
+                  "seconds_per_image": round(seconds, 4)}
+        if d3ad is not None:
+            result["d3ad"] = dataclasses.asdict(d3ad)
+        print(json.dumps({k: result[k] for k in ("method", "score", "image_auroc", "pixel_auroc", "pixel_ap")}),
+              file=sys.stderr, flush=True)
+        return result
+
+    with torch.inference_mode():
+        _, good_scores = predict(model, good, 8, desc="one-step scores of the held-out good images")
+    edges = score_histogram_edges(good_scores)
+    rows = [row("one-step", None)]
+    for w in (float(v) for v in args.w.split(",")):
+        for max_step in (int(v) for v in args.max_step.split(",")):
+            base = D3ADConfig(steps=args.steps, w=w, max_step=max_step)
+            rows.append(row(f"d3ad-fixed w{w:g} T{max_step}", dataclasses.replace(base, mode="fixed")))
+            rows.append(row(f"d3ad w{w:g} T{max_step}", dataclasses.replace(base, mode="dynamic", bin_edges=edges)))
+    emit({"command": shlex.join(["python", *sys.argv]), "data_dir": str(args.data_dir), "run": str(args.run),
+          "validation": vset.source, "images": len(vset), "anomalous": int(vset.labels.sum()), "rows": rows,
+          "machine": machine()}, args.json)
+
+
+if __name__ == "__main__":
+    main()
