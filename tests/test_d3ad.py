@@ -11,6 +11,7 @@ import torch
 from diffad.evaluation.evaluate import CALIBRATION_FILE
 from diffad.export.bundle import load_bundle
 from diffad.export.exporter import ExportOptions, export_bundle
+from diffad.export.parity import onnxruntime_runner
 from diffad.models import checkpoint as ckpt
 from diffad.models.d3ad import (
     D3ADConfig,
@@ -143,7 +144,22 @@ def test_export_in_d3ad_mode_and_serve_it(d3ad_run, tmp_path):
     assert manifest["onnx"]["parity"]["passed"], "the graph holds both passes and matches PyTorch"
     assert manifest["threshold"] != 0.5, "the run's one-step threshold does not carry over to D3AD scores"
     # the weights file carries the mode too, so the torch backend serves what the graph computes
-    assert ckpt.load_model(out / "model.safetensors").config.d3ad.mode == "dynamic"
+    model = ckpt.load_model(out / "model.safetensors")
+    assert model.config.d3ad.mode == "dynamic"
+
+    # the graph: the held-out images themselves span the bins (their scores made the edges), so one batch
+    # of them holds several start steps; each image's result is the one it gets alone
+    held = np.stack([np.asarray(Image.open(p)) for p in json.loads((d3ad_run / ckpt.CONFIG_FILE).read_text())
+                     ["held_out_images"]]).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        starts = model.d3ad_start_steps(torch.from_numpy(held).float() / 255)
+    assert len(set(starts.tolist())) >= 2, starts
+    run_graph = onnxruntime_runner(out / "model.onnx")
+    maps, scores = run_graph(held)
+    for i in range(len(held)):
+        alone_map, alone_score = run_graph(held[i:i + 1])
+        assert np.allclose(alone_map, maps[i:i + 1], atol=1e-5) and np.allclose(alone_score, scores[i:i + 1],
+                                                                                atol=1e-6)
 
     async def inspect():
         buffer = io.BytesIO()
@@ -155,7 +171,6 @@ def test_export_in_d3ad_mode_and_serve_it(d3ad_run, tmp_path):
 
     status, body = asyncio.run(inspect())
     assert status == 200 and body["threshold"] == pytest.approx(load_bundle(out).threshold)
-    model = ckpt.load_model(out / "model.safetensors")
     with torch.no_grad():
         _, expected = model(torch.full((1, 3, 32, 32), 128 / 255))
     assert body["image_score"] == pytest.approx(float(expected[0]), abs=1e-4), "served score = the D3AD model's"
