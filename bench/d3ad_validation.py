@@ -3,7 +3,10 @@
 The validation set is rebuilt as training built it (the same held-out good images, the same fixed-seed
 synthetic anomalies). The per-image level's bins come from the one-step scores of the same held-out good
 images, as `diffad export --mode d3ad` makes them. Each row: validation image AUROC, pixel AUROC, pixel AP
-and their mean (the score training selects checkpoints by), and seconds per image.
+and their mean (the score training selects checkpoints by), and seconds per image. With --difference-map,
+each reconstruction is also scored with a pixel-difference map instead of the segmentation network's:
+|x - reconstruction| averaged over channels in the networks' units, unsmoothed and smoothed (sigma 2),
+scored as the model scores its map (the top-k mean).
 
     python bench/d3ad_validation.py ../shared/datasets/dagm_class1 runs/bench/dagm_class1_small_seed0 \\
         --w 1,4 --max-step 64,128 --json bench/results/tuning/dagm_class1_d3ad_validation.json
@@ -25,6 +28,7 @@ from diffad.benchmarks.throughput import emit, machine
 from diffad.evaluation.evaluate import predict, reconstruction_method
 from diffad.models import checkpoint as ckpt
 from diffad.models.d3ad import D3ADConfig, score_histogram_edges
+from diffad.models.diffusionad import gaussian_kernel, smooth_map
 from diffad.training.data import find_train_images, read_images
 from diffad.training.synthesis import estimate_foreground
 from diffad.training.trainer import _train_config_from_dict, split_validation, validation_metrics
@@ -37,6 +41,8 @@ def main() -> None:
     parser.add_argument("--w", default="4", help="comma-separated guidance weights (default 4, the paper's)")
     parser.add_argument("--max-step", default="128", help="comma-separated highest levels (default 128)")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps (default 10)")
+    parser.add_argument("--difference-map", action="store_true",
+                        help="also score each reconstruction with a pixel-difference map")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
 
@@ -52,29 +58,48 @@ def main() -> None:
                                    train_cfg.validation_fraction, train_cfg.synthesis)
     good = vset.images[vset.labels == 0]
 
-    def row(name: str, d3ad: D3ADConfig | None) -> dict:
+    def difference_maps(reconstruct, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = [], []
+        with torch.inference_mode():
+            for start in range(0, len(vset), 8):
+                batch = torch.from_numpy(np.ascontiguousarray(vset.images[start:start + 8].transpose(0, 3, 1, 2)))
+                x = model.normalize(batch)
+                difference = (x - (reconstruct or model.reconstruct)(x)).abs().mean(dim=1, keepdim=True)
+                if sigma > 0:
+                    difference = smooth_map(difference, gaussian_kernel(sigma))
+                maps.append(difference[:, 0].numpy())
+                scores.append(model.score(difference).numpy())
+        return np.concatenate(maps), np.concatenate(scores)
+
+    def row(name: str, d3ad: D3ADConfig | None) -> list[dict]:
         reconstruct = None if d3ad is None else reconstruction_method(model, "d3ad", d3ad=d3ad)
         started = time.perf_counter()
-        maps, scores = predict(model, vset.images, 8, desc=name, reconstruct=reconstruct)
+        outputs = {"segmentation": predict(model, vset.images, 8, desc=name, reconstruct=reconstruct)}
         seconds = (time.perf_counter() - started) / len(vset)
-        metrics = validation_metrics(vset, maps, scores)
-        result = {"method": name, **{k: round(v, 4) for k, v in metrics.items()},
-                  "seconds_per_image": round(seconds, 4)}
-        if d3ad is not None:
-            result["d3ad"] = dataclasses.asdict(d3ad)
-        print(json.dumps({k: result[k] for k in ("method", "score", "image_auroc", "pixel_auroc", "pixel_ap")}),
-              file=sys.stderr, flush=True)
-        return result
+        if args.difference_map:
+            for sigma in (0.0, 2.0):
+                outputs[f"difference sigma {sigma:g}"] = difference_maps(reconstruct, sigma)
+        results = []
+        for map_kind, (maps, scores) in outputs.items():
+            metrics = validation_metrics(vset, maps, scores)
+            result = {"method": name, "map": map_kind, **{k: round(v, 4) for k, v in metrics.items()},
+                      "seconds_per_image": round(seconds, 4)}
+            if d3ad is not None:
+                result["d3ad"] = dataclasses.asdict(d3ad)
+            print(json.dumps({k: result[k] for k in ("method", "map", "score", "image_auroc", "pixel_auroc",
+                                                     "pixel_ap")}), file=sys.stderr, flush=True)
+            results.append(result)
+        return results
 
     with torch.inference_mode():
         _, good_scores = predict(model, good, 8, desc="one-step scores of the held-out good images")
     edges = score_histogram_edges(good_scores)
-    rows = [row("one-step", None)]
+    rows = row("one-step", None)
     for w in (float(v) for v in args.w.split(",")):
         for max_step in (int(v) for v in args.max_step.split(",")):
             base = D3ADConfig(steps=args.steps, w=w, max_step=max_step)
-            rows.append(row(f"d3ad-fixed w{w:g} T{max_step}", dataclasses.replace(base, mode="fixed")))
-            rows.append(row(f"d3ad w{w:g} T{max_step}", dataclasses.replace(base, mode="dynamic", bin_edges=edges)))
+            rows += row(f"d3ad-fixed w{w:g} T{max_step}", dataclasses.replace(base, mode="fixed"))
+            rows += row(f"d3ad w{w:g} T{max_step}", dataclasses.replace(base, mode="dynamic", bin_edges=edges))
     emit({"command": shlex.join(["python", *sys.argv]), "data_dir": str(args.data_dir), "run": str(args.run),
           "validation": vset.source, "images": len(vset), "anomalous": int(vset.labels.sum()), "rows": rows,
           "machine": machine()}, args.json)
