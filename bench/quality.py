@@ -76,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--focal-gamma", type=float, help="as in diffad train (default: TrainConfig's)")
     p.add_argument("--workers", type=int, default=1, help="data-loading worker processes (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the networks train")
+    p.add_argument("--d3ad", action="store_true",
+                   help="also evaluate each trained model in D3AD's two modes (a fixed and a per-image noise level, "
+                   "no retraining; the bins and threshold from its held-out good images): the record's `d3ad`")
     p.add_argument("--note", help="conditions worth knowing, kept with the figures")
     p.add_argument("--overwrite", action="store_true",
                    help="train every run again, replacing its result file (default: a run whose result file "
@@ -294,6 +297,7 @@ def _read_result(path: Path) -> dict:
 def run(args) -> int:
     import dataclasses
 
+    from ..evaluation.d3ad import evaluate_d3ad_modes
     from ..evaluation.evaluate import evaluate_run
     from ..training import trainer
     from ..training.data import find_test_samples
@@ -380,6 +384,9 @@ def run(args) -> int:
             "anomaly_sources": list(cfg.synthesis.sources),
             "perlin_scales_log2": [cfg.synthesis.min_scale_log2, cfg.synthesis.max_scale_log2],
         }
+        if args.d3ad:
+            log.info("%s seed %d: evaluating D3AD's modes on the same model", name, seed)
+            extra["d3ad"] = evaluate_d3ad_modes(run_dir, dataset, args.batch_size)
         record = quality_record(f"{group}_seed{seed}", summary, evaluation, args.note, extra=extra)
         write_atomically(result, json.dumps(record, indent=2) + "\n")  # last: the run is finished
         log.info("%s seed %d: %s; written to %s", name, seed,

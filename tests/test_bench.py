@@ -292,6 +292,14 @@ def test_bench_quality_writes_records_the_readme_table_renders(category, tmp_pat
     assert main([*args, "--overwrite", "--max-steps", "3"]) == 0
     assert json.loads(path.read_text())["training"]["steps"] == 3
 
+    # --d3ad: the same model also evaluated in D3AD's two modes, settings from its held-out good images
+    assert main([*args, "--overwrite", "--d3ad"]) == 0
+    d3ad = json.loads(path.read_text())["d3ad"]
+    assert set(d3ad) == {"d3ad-fixed", "d3ad"}
+    assert d3ad["d3ad-fixed"]["d3ad"]["mode"] == "fixed" and len(d3ad["d3ad"]["d3ad"]["bin_edges"]) == 11
+    for mode in d3ad.values():
+        assert set(METRICS) <= set(mode) and mode["inference_images_per_s"] > 0
+
     # another input size and a setting label make another group, named for them, next to the preset's own
     assert main([*args, "--image-size", "24", "--setting", "crop24"]) == 0
     other = json.loads((out_dir / "weave_tiny_24px_crop24_seed0.json").read_text())
