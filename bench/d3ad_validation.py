@@ -29,9 +29,7 @@ from diffad.evaluation.evaluate import predict, reconstruction_method
 from diffad.models import checkpoint as ckpt
 from diffad.models.d3ad import D3ADConfig, score_histogram_edges
 from diffad.models.diffusionad import gaussian_kernel, smooth_map
-from diffad.training.data import find_train_images, read_images
-from diffad.training.synthesis import estimate_foreground
-from diffad.training.trainer import _train_config_from_dict, split_validation, validation_metrics
+from diffad.training.trainer import run_validation_set, validation_metrics
 
 
 def main() -> None:
@@ -46,16 +44,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
 
-    saved = json.loads((args.run / ckpt.CONFIG_FILE).read_text())
-    train_cfg = _train_config_from_dict(saved["train"])
     model = ckpt.load_model(args.run).eval()
-    size, channels = model.config.image_size, model.config.in_channels
-    paths = find_train_images(args.data_dir)
-    images = read_images(paths, size, channels)
-    foregrounds = (np.stack([estimate_foreground(im) for im in images])
-                   if train_cfg.synthesis.foreground == "auto" else None)
-    *_, vset, _ = split_validation(args.data_dir, paths, images, foregrounds, channels,
-                                   train_cfg.validation_fraction, train_cfg.synthesis)
+    vset = run_validation_set(args.run, args.data_dir, model.config.image_size, model.config.in_channels)
     good = vset.images[vset.labels == 0]
 
     def difference_maps(reconstruct, sigma: float) -> tuple[np.ndarray, np.ndarray]:

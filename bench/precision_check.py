@@ -11,7 +11,6 @@ process, and prints the map and noise-prediction differences and both sets of va
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -20,8 +19,7 @@ import numpy as np
 import torch
 from diffad.benchmarks.throughput import emit, machine
 from diffad.models import checkpoint as ckpt
-from diffad.training.data import find_train_images, read_images
-from diffad.training.trainer import _train_config_from_dict, split_validation, validate
+from diffad.training.trainer import run_validation_set, validate
 
 
 def main() -> None:
@@ -31,14 +29,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
 
-    saved = json.loads((args.run_dir / ckpt.CONFIG_FILE).read_text())
-    cfg = _train_config_from_dict(saved["train"])
     model = ckpt.load_model(args.run_dir).eval()
-    size, channels = model.config.image_size, model.config.in_channels
-    paths = find_train_images(args.data_dir)
-    images = read_images(paths, size, channels)
-    *_, vset, _ = split_validation(args.data_dir, paths, images, None, channels, cfg.validation_fraction,
-                                   cfg.synthesis)
+    vset = run_validation_set(args.run_dir, args.data_dir, model.config.image_size, model.config.in_channels)
     batch = torch.from_numpy(np.ascontiguousarray(vset.images[:16].transpose(0, 3, 1, 2)))
     with torch.no_grad():
         x = model.normalize(batch)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from diffad.evaluation.evaluate import evaluate_run, load_calibration
 from diffad.models import checkpoint as ckpt
 from diffad.models.diffusionad import DiffusionAD
 from diffad.models.presets import preset
+from diffad.training.data import read_images
 from diffad.training.demo_data import make_category
 from diffad.training.trainer import TrainConfig, budget_progress, focal_loss, lr_factor, make_optimizer, train
 
@@ -352,6 +354,17 @@ def test_threshold_from_held_out_images_when_there_is_no_validation_folder(tmp_p
     evaluate_run(tmp_path / "run", data, progress=False)
     calibration = load_calibration(tmp_path / "run")
     assert calibration.method.startswith("quantile") and calibration.num_images == 4  # no test labels used
+
+    # the benchmarks rebuild the run's validation set as training built it: its held-out images and the
+    # same fixed-seed anomalies every time
+    from diffad.training.trainer import run_validation_set
+
+    vset = run_validation_set(tmp_path / "run", data, 48, 3)
+    good = vset.images[vset.labels == 0]
+    assert len(good) == 4 and np.allclose(good, read_images([Path(p) for p in held], 48, 3))
+    again = run_validation_set(tmp_path / "run", data, 48, 3)
+    assert np.array_equal(again.images, vset.images) and np.array_equal(again.masks, vset.masks)
+    assert vset.labels.sum() > 0 and vset.source == summary["validation"]["source"]
 
 
 def test_crop_setting_defaults_by_preset():

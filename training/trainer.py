@@ -403,6 +403,17 @@ def split_validation(data_dir, paths: list[Path], images: np.ndarray, foreground
     return paths, images, foregrounds, vset, held_paths
 
 
+def run_validation_set(run_dir: str | Path, data_dir: str | Path, image_size: int, channels: int,
+                       synthesis: SynthesisConfig | None = None) -> ValidationSet | None:
+    """A finished run's validation set, rebuilt as its training built it (the same held-out good images,
+    foregrounds and fixed-seed anomalies); `synthesis` other anomaly sources than the run's own."""
+    cfg = _train_config_from_dict(json.loads((Path(run_dir) / ckpt.CONFIG_FILE).read_text())["train"])
+    synthesis = synthesis or cfg.synthesis
+    paths, images, foregrounds, _ = load_training_images(data_dir, image_size, channels, synthesis.foreground)
+    *_, vset, _ = split_validation(data_dir, paths, images, foregrounds, channels, cfg.validation_fraction, synthesis)
+    return vset
+
+
 VALIDATION_LOG = "validation_log.jsonl"
 BEST_FILE = "best.safetensors"   # the best EMA model by validation score so far (metadata: step, score)
 
