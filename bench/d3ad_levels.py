@@ -9,14 +9,16 @@ from collections import Counter
 
 import numpy as np
 import torch
-from diffad.evaluation.d3ad import calibrate_d3ad, good_images_for, read_good_images
+from diffad.evaluation.d3ad import good_images_for, one_step_bin_edges, read_good_images
 from diffad.evaluation.evaluate import read_test_set
 from diffad.models import checkpoint as ckpt
+from diffad.models.d3ad import D3ADConfig
 
 run, data = sys.argv[1], sys.argv[2]
 model = ckpt.load_model(run).eval()
 good = read_good_images(good_images_for(run), model)
-d3ad, _ = calibrate_d3ad(model, good, "dynamic", progress=False)
+d3ad = D3ADConfig(mode="dynamic", bin_edges=one_step_bin_edges(model, good, progress=False))
+model.set_d3ad(d3ad)
 test = read_test_set(data, model.config.image_size, model.config.in_channels, progress=False)
 with torch.inference_mode():
     batches = [np.ascontiguousarray(test.images[i:i + 16].transpose(0, 3, 1, 2))

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffad.benchmarks.throughput import emit, machine
+from diffad.evaluation.d3ad import one_step_bin_edges
 from diffad.evaluation.evaluate import predict, reconstruction_method
 from diffad.models import checkpoint as ckpt
-from diffad.models.d3ad import D3ADConfig, score_histogram_edges
+from diffad.models.d3ad import D3ADConfig
 from diffad.models.diffusionad import gaussian_kernel, smooth_map
 from diffad.training.trainer import run_validation_set, validation_metrics
 
@@ -81,9 +82,7 @@ def main() -> None:
             results.append(result)
         return results
 
-    with torch.inference_mode():
-        _, good_scores = predict(model, good, 8, desc="one-step scores of the held-out good images")
-    edges = score_histogram_edges(good_scores)
+    edges = one_step_bin_edges(model, good)
     rows = row("one-step", None)
     for w in (float(v) for v in args.w.split(",")):
         for max_step in (int(v) for v in args.max_step.split(",")):

@@ -155,16 +155,12 @@ def tile_batch(images: np.ndarray, batch: int) -> np.ndarray:
 
 
 # --- (a) reconstruction methods ---------------------------------------------------------------------
-def d3ad_settings(model, source_path: Path, mode: str):
-    """D3AD settings for `mode` on this model: a bundle's own (exported with --mode d3ad), else bins from the
-    one-step scores of the run's held-out good images; None (with the reason logged) when there are none."""
-    import dataclasses
+def d3ad_settings(model, own, source_path: Path, mode: str):
+    """D3AD settings for `mode` on this model (in one-step mode; `own` its D3AD settings as loaded): a
+    bundle's own (exported with --mode d3ad), else bins from the one-step scores of the run's held-out good
+    images; None (with the reason logged) when there are none."""
+    from ..evaluation.d3ad import good_images_for, one_step_bin_edges, read_good_images
 
-    from ..evaluation.d3ad import good_images_for, read_good_images
-    from ..evaluation.evaluate import predict
-    from ..models.d3ad import D3ADConfig, score_histogram_edges
-
-    own = model.config.d3ad
     if mode == "fixed" or own.bin_edges:
         return dataclasses.replace(own, mode=mode)
     run_dir = source_path if source_path.is_dir() else source_path.parent
@@ -173,9 +169,7 @@ def d3ad_settings(model, source_path: Path, mode: str):
     except ValueError as e:
         log.warning("d3ad (per-image level) left out: %s", e)
         return None
-    _, scores = predict(model, good, 8, "one-step scores of held-out good images")
-    return D3ADConfig(mode="dynamic", steps=own.steps, w=own.w, max_step=own.max_step,
-                      bin_edges=score_histogram_edges(scores))
+    return dataclasses.replace(own, mode="dynamic", bin_edges=one_step_bin_edges(model, good))
 
 
 def compare_reconstructions(model, images: np.ndarray, masks: np.ndarray, labels: np.ndarray, batch_size: int,
@@ -454,10 +448,10 @@ def run(args) -> int:
         unknown = sorted(set(methods_asked) - set(METHODS))
         if unknown:
             raise ValueError(f"--methods: unknown {', '.join(unknown)}; choose among {', '.join(METHODS)}")
-        d3ad = {name: d3ad_settings(model, source.path, mode) for name, mode in
-                (("d3ad-fixed", "fixed"), ("d3ad", "dynamic")) if name in methods_asked}
         own = model.config.d3ad
         model.set_d3ad(D3ADConfig(steps=own.steps, w=own.w, max_step=own.max_step))  # its forward: one-step
+        d3ad = {name: d3ad_settings(model, own, source.path, mode) for name, mode in
+                (("d3ad-fixed", "fixed"), ("d3ad", "dynamic")) if name in methods_asked}
         log.info("(a) reconstruction methods on %d images", len(chosen))
         out["reconstruction"] = compare_reconstructions(model, images, masks, labels, args.recon_batch,
                                                         args.ddim_steps, args.seconds, methods_asked, d3ad)

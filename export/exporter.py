@@ -98,7 +98,7 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, options: ExportOptio
     calibration = None  # None: the run's calibration.json
     if EXPORT_MODES[options.mode] != "off":
         good = good_images_for(run_dir, options.good_images)
-        d3ad, calibration = calibrate_d3ad(model, read_good_images(good, model), EXPORT_MODES[options.mode])
+        _, calibration = calibrate_d3ad(model, read_good_images(good, model), EXPORT_MODES[options.mode])
 
     staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

@@ -181,7 +181,7 @@ class DiffusionAD(nn.Module):
         x_tl = sched.q_sample(x, cfg.t_l, self.noise[1:2].expand_as(x))
         # made on the input's device: a host-to-device copy would break CUDA-graph capture
         t = torch.cat([torch.full((n,), cfg.t_s, device=x.device), torch.full((n,), cfg.t_l, device=x.device)])
-        eps = self._in_fp32(self.unet(self._to_network(torch.cat([x_ts, x_tl])), t))
+        eps = self._eps(torch.cat([x_ts, x_tl]), t)
         x0_s = sched.predict_x0(x_ts, cfg.t_s, eps[:n])
         x0_l = clamp(sched.predict_x0(x_tl, cfg.t_l, eps[n:]), self.pixel_bounds)
         return sched.guided_x0(x0_s, x0_l, cfg.t_s, cfg.w, self.pixel_bounds)
@@ -193,8 +193,7 @@ class DiffusionAD(nn.Module):
         edges = self.d3ad_bin_edges if d3ad is None else torch.tensor(d3ad.bin_edges or (0.0,), device=x.device)
         d3ad = d3ad or self.config.d3ad
         if d3ad.mode == "dynamic":
-            first_score = self.score(self.anomaly_map(x, self.reconstruct(x)))
-            start = start_steps(score_bins(first_score, edges), d3ad.max_step)
+            start = self._dynamic_start_steps(x, edges, d3ad.max_step)
         else:
             start = torch.full((x.shape[0],), d3ad.max_step, dtype=torch.long, device=x.device)
         return guided_reconstruction(self._eps, self.schedule.alpha_bar, x, start, d3ad.steps, d3ad.w,
@@ -202,9 +201,12 @@ class DiffusionAD(nn.Module):
 
     def d3ad_start_steps(self, images: torch.Tensor) -> torch.Tensor:
         """The start step each image gets in "dynamic" mode (for inspection and tests)."""
-        x = self.normalize(images)
+        return self._dynamic_start_steps(self.normalize(images), self.d3ad_bin_edges, self.config.d3ad.max_step)
+
+    def _dynamic_start_steps(self, x: torch.Tensor, edges: torch.Tensor, max_step: int) -> torch.Tensor:
+        """The first estimate (the one-step score) binned among good images' scores, as a start step."""
         first_score = self.score(self.anomaly_map(x, self.reconstruct(x)))
-        return start_steps(score_bins(first_score, self.d3ad_bin_edges), self.config.d3ad.max_step)
+        return start_steps(score_bins(first_score, edges), max_step)
 
     def _eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self._in_fp32(self.unet(self._to_network(x_t), t))
