@@ -4,11 +4,13 @@ the run's held-out good images, as `diffad export --mode d3ad` makes them). Prin
     python bench/d3ad_levels.py runs/bench/dagm_class1_small_seed0 ../shared/datasets/dagm_class1
 """
 import json
+import shlex
 import sys
 from collections import Counter
 
 import numpy as np
 import torch
+from diffad.benchmarks.throughput import machine
 from diffad.evaluation.d3ad import good_images_for, one_step_bin_edges, read_good_images
 from diffad.evaluation.evaluate import read_test_set
 from diffad.models import checkpoint as ckpt
@@ -24,7 +26,8 @@ with torch.inference_mode():
     batches = [np.ascontiguousarray(test.images[i:i + 16].transpose(0, 3, 1, 2))
                for i in range(0, len(test.images), 16)]
     starts = torch.cat([model.d3ad_start_steps(torch.from_numpy(b)) for b in batches]).numpy()
-out = {"run": run, "bin_edges": d3ad.bin_edges, "start_steps": {
+out = {"command": shlex.join(["python", *sys.argv]), "machine": machine(), "run": run, "bin_edges": d3ad.bin_edges,
+       "start_steps": {
     "good": dict(sorted(Counter(starts[test.labels == 0].tolist()).items())),
     "defective": dict(sorted(Counter(starts[test.labels == 1].tolist()).items()))}}
 print(json.dumps(out))

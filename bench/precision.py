@@ -12,15 +12,15 @@ passes run on the same images in the same process, one after the other. Usage:
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .quality import METRICS
 from .throughput import NETWORK_DTYPES, emit, machine
-
-METRIC_NAMES = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1_max")
 
 
 def compare_precisions(model, data_dir: str | Path, precision: str, device: str = "cpu", batch_size: int = 8,
@@ -48,8 +48,7 @@ def compare_precisions(model, data_dir: str | Path, precision: str, device: str 
         if device.startswith("cuda"):  # fp32 means fp32: no TF32 tensor cores
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         started = time.monotonic()
-        with torch.inference_mode():
-            maps, scores = predict(model, test.images, batch_size, f"{name} on {device}", progress)
+        maps, scores = predict(model, test.images, batch_size, f"{name} on {device}", progress)  # inference mode
         runs[name] = {"maps": maps, "scores": scores, "seconds": time.monotonic() - started}
     reference, reduced = runs["fp32"], runs[precision]
     map_diff = np.abs(reduced["maps"] - reference["maps"])
@@ -57,7 +56,7 @@ def compare_precisions(model, data_dir: str | Path, precision: str, device: str 
     metrics = {}
     for name, run in runs.items():
         figures = compute_metrics(test.labels, run["scores"], test.masks, run["maps"])
-        metrics[name] = {k: round(float(figures[k]), 4) for k in METRIC_NAMES if k in figures}
+        metrics[name] = {k: round(float(figures[k]), 4) for k in METRICS}
     return {
         "data_dir": str(data_dir), "preset": cfg.name, "image_size": cfg.image_size, "device": device,
         "precision": precision, "num_test_images": len(test.labels), "num_anomalous": int(test.labels.sum()),
@@ -88,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    emit({"machine": machine(), "model": str(args.model), **result}, args.json)
+    command = shlex.join(["python", "-m", "diffad.benchmarks.precision", *(sys.argv[1:] if argv is None else argv)])
+    emit({"command": command, "machine": machine(), "model": str(args.model), **result}, args.json)
     return 0
 
 
