@@ -92,8 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "and its t_s chosen on the same images (test labels are never used). Writes "
                          "config.json, checkpoints/, best.safetensors, model.safetensors, train_log.jsonl, "
                          "validation_log.jsonl and train_summary.json into RUN_DIR.")
-    p.add_argument("data_dir", metavar="DATA_DIR", help="MVTec-layout category or plain folder of good images")
+    p.add_argument("data_dir", metavar="DATA_DIR", nargs="+",
+                   help="MVTec-layout category or plain folder of good images; with --method decodiff, one or "
+                   "more (one model for all, the folder's name its category)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for checkpoints and the model")
+    p.add_argument("--method", choices=("diffusionad", "decodiff"), default="diffusionad",
+                   help="diffusionad (default): one-step reconstruction + segmentation network, one category; "
+                   "decodiff: DeCo-Diff's deviation-correcting UNet on good images only (no synthetic anomalies "
+                   "in training; they only score validation), one model for one or several categories")
     p.add_argument("--preset", choices=("tiny", "small", "paper"), default="small",
                    help="model size: tiny (tests, seconds), small (2-core CPU, 30 min), paper (published size); "
                    "default small")
@@ -152,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "F1-max on DATA_DIR/test. Stores the calibrated threshold in RUN_DIR/calibration.json: "
                          "a quantile of scores on validation/good when present, else the F1-optimal one.")
     p.add_argument("model", metavar="RUN_DIR_OR_BUNDLE", help="a training run folder or a model file")
-    p.add_argument("data_dir", metavar="DATA_DIR", help="MVTec-layout category with test/ and ground_truth/")
+    p.add_argument("data_dir", metavar="DATA_DIR", nargs="+",
+                   help="MVTec-layout category with test/ and ground_truth/; for a multi-category DeCo-Diff model, "
+                   "several (each scored as the category its folder names; the mean is reported too)")
     p.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--calibration", choices=("auto", "f1", "quantile", "none"), default="auto")
@@ -380,7 +388,18 @@ def _train(args) -> int:
                                       sources=parse_sources(args.anomaly_sources),
                                       **parse_perlin_scales(args.perlin_scales)),
     )
-    summary = train(args.data_dir, args.out, args.preset, args.image_size, args.channels, cfg, resume=args.resume)
+    if args.method == "decodiff":
+        from .training.decodiff import train_decodiff
+
+        if args.resume:
+            raise ValueError("--resume is not supported with --method decodiff yet")
+        summary = train_decodiff(args.data_dir, args.out, args.preset, args.image_size, args.channels, cfg)
+        print(json.dumps(summary, indent=2))
+        return 0
+    if len(args.data_dir) != 1:
+        raise ValueError("DiffusionAD trains on one category; several folders need --method decodiff")
+    summary = train(args.data_dir[0], args.out, args.preset, args.image_size, args.channels, cfg,
+                    resume=args.resume)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -388,7 +407,14 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from .evaluation.evaluate import evaluate_run
 
-    result = evaluate_run(args.model, args.data_dir, args.json, args.batch_size, args.calibration, args.quantile)
+    if len(args.data_dir) > 1:
+        from .evaluation.evaluate import evaluate_categories
+
+        result = evaluate_categories(args.model, args.data_dir, args.json, args.batch_size, args.calibration,
+                                     args.quantile)
+    else:
+        result = evaluate_run(args.model, args.data_dir[0], args.json, args.batch_size, args.calibration,
+                              args.quantile)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -181,14 +181,43 @@ def evaluate_run(path: str | Path, data_dir: str | Path, json_path: str | Path |
     path = Path(path)
     model = ckpt.load_model(path)
     run_dir = path if path.is_dir() else path.parent
-    held_out = None
-    if (run_dir / ckpt.CONFIG_FILE).is_file():
-        held_out = json.loads((run_dir / ckpt.CONFIG_FILE).read_text()).get("held_out_images")
+    run_config = json.loads((run_dir / ckpt.CONFIG_FILE).read_text()) if (run_dir / ckpt.CONFIG_FILE).is_file() else {}
+    held_out, calibration_file = run_config.get("held_out_images"), CALIBRATION_FILE
+    categories = getattr(model.config, "categories", ())
+    if len(categories) > 1:  # a multi-category DeCo-Diff model: the folder's name says which category it is
+        category = Path(data_dir).resolve().name
+        model.set_category(category)
+        held_out = run_config.get("held_out_images_by_category", {}).get(category)
+        calibration_file = category_calibration_file(category)
     metrics, cal = evaluate(model, data_dir, batch_size, calibration, quantile, progress, held_out)
     if cal is not None:
-        (run_dir / CALIBRATION_FILE).write_text(json.dumps(cal.to_dict(), indent=2))
-        log.info("threshold %.4f (%s) saved to %s", cal.threshold, cal.method, run_dir / CALIBRATION_FILE)
-    result = {"model": str(path), "data_dir": str(data_dir), "preset": model.config.name, **metrics}
+        (run_dir / calibration_file).write_text(json.dumps(cal.to_dict(), indent=2))
+        log.info("threshold %.4f (%s) saved to %s", cal.threshold, cal.method, run_dir / calibration_file)
+    result = {"model": str(path), "data_dir": str(data_dir), "preset": model.config.name,
+              "method": getattr(model.config, "method", "diffusionad"), **metrics}
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def category_calibration_file(category: str) -> str:
+    """A multi-category model's threshold for one category (each has its own score distribution)."""
+    return f"calibration.{category}.json"
+
+
+SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1_max")
+
+
+def evaluate_categories(path: str | Path, data_dirs: list[str | Path], json_path: str | Path | None = None,
+                        batch_size: int = 8, calibration: str = "auto", quantile: float = 0.99,
+                        progress: bool = True) -> dict:
+    """A multi-category model on each category's test set (evaluate_run each), and the metrics' mean."""
+    per_category = {Path(d).resolve().name: evaluate_run(path, d, None, batch_size, calibration, quantile, progress)
+                    for d in data_dirs}
+    mean = {k: float(np.mean([r[k] for r in per_category.values()])) for k in SUMMARY_METRICS
+            if all(k in r for r in per_category.values())}
+    result = {"model": str(path), "categories": per_category, "mean": mean}
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2))

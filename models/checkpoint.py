@@ -16,6 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .decodiff import METHOD as DECODIFF
+from .decodiff import DeCoDiff, DeCoDiffConfig
 from .diffusionad import DiffusionAD, ModelConfig
 
 MODEL_FILE = "model.safetensors"
@@ -55,7 +57,9 @@ def load_model(path: str | Path) -> DiffusionAD:
     meta = read_metadata(path)
     if "config" not in meta:
         raise CheckpointError(f"{path} has no model configuration in its metadata: not a diffad checkpoint")
-    model = DiffusionAD(ModelConfig.from_dict(json.loads(meta["config"])))
+    config = json.loads(meta["config"])
+    model = (DeCoDiff(DeCoDiffConfig.from_dict(config)) if config.get("method") == DECODIFF
+             else DiffusionAD(ModelConfig.from_dict(config)))
     state = _load_tensors(path)
     weights = {k.removeprefix("model."): v for k, v in state.items() if not k.startswith(("optimizer.", "ema."))}
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .decodiff import DeCoDiffConfig
 from .diffusionad import DiffusionAD, ModelConfig
 from .segmentation import SegmentationConfig
 from .unet import UNetConfig
@@ -47,6 +48,15 @@ def preset(name: str, image_size: int | None = None, in_channels: int = 3) -> Mo
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
     return ModelConfig(name=name, image_size=size, in_channels=in_channels, unet=unet, segmentation=seg,
                        top_k=top_k_for(size), map_sigma=map_sigma_for(size))
+
+
+def decodiff_preset(name: str, categories: tuple[str, ...], image_size: int | None = None,
+                    in_channels: int = 3) -> DeCoDiffConfig:
+    """A DeCo-Diff configuration whose UNet is the DiffusionAD preset's of the same name (same cost per pass)."""
+    base = preset(name, image_size, in_channels)
+    return DeCoDiffConfig(name=name, image_size=base.image_size, in_channels=in_channels, categories=categories,
+                          unet=base.unet, coarse_factor=8 if base.image_size >= 64 else 4,
+                          image_sigma=3.0 if base.image_size >= 64 else 1.5)
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -7,6 +7,7 @@ per-sample timesteps are long tensors of shape [N].
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,3 +132,13 @@ class LinearNoiseSchedule:
         mean = (a_prev**0.5 * beta / (1.0 - a)) * x0 + ((1.0 - beta) ** 0.5 * (1.0 - a_prev) / (1.0 - a)) * x_t
         variance = beta * (1.0 - a_prev) / (1.0 - a)
         return mean + variance**0.5 * noise
+
+
+def cosine_alpha_bar(num_steps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """alpha_bar[t] of the cosine schedule (Nichol & Dhariwal; guided-diffusion's "squaredcos_cap_v2") in
+    num_steps steps, betas capped at max_beta: the short schedule DeCo-Diff trains with (10 steps)."""
+    def f(u: float) -> float:
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - f((i + 1) / num_steps) / f(i / num_steps), max_beta) for i in range(num_steps)]
+    return torch.tensor(np.cumprod(1.0 - np.array(betas, dtype=np.float64)), dtype=torch.float32)

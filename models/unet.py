@@ -24,6 +24,7 @@ class UNetConfig:
     num_heads: int = 4
     dropout: float = 0.0
     image_size: int = 256
+    num_classes: int = 0    # > 0: a class embedding added to the time embedding (one model, many categories)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -122,6 +123,8 @@ class UNet(nn.Module):
             raise ValueError(f"image_size {cfg.image_size} must be divisible by 2**{levels - 1} for {levels} levels")
         base, emb_dim = cfg.base_channels, 4 * cfg.base_channels
         self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # guided-diffusion's class conditioning; only built when asked for, so older model files still load
+        self.class_embed = nn.Embedding(cfg.num_classes, emb_dim) if cfg.num_classes > 0 else None
         self.conv_in = nn.Conv2d(cfg.in_channels, base, 3, padding=1)
 
         def attend(resolution: int) -> bool:
@@ -160,8 +163,12 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(x.dtype))
+        if self.class_embed is not None:
+            if classes is None:
+                raise ValueError("this UNet is class-conditional: give each image's class index")
+            emb = emb + self.class_embed(classes)
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
