@@ -54,6 +54,7 @@ def decodiff_preset(name: str, categories: tuple[str, ...], image_size: int | No
                     in_channels: int = 3) -> DeCoDiffConfig:
     """A DeCo-Diff configuration whose UNet is the DiffusionAD preset's of the same name (same cost per pass)."""
     base = preset(name, image_size, in_channels)
+    base.unet.scale_shift_norm = True  # so that the narrow UNets see t and the category (models/unet.py)
     return DeCoDiffConfig(name=name, image_size=base.image_size, in_channels=in_channels, categories=categories,
                           unet=base.unet, coarse_factor=8 if base.image_size >= 64 else 4,
                           image_sigma=3.0 if base.image_size >= 64 else 1.5)

@@ -25,6 +25,10 @@ class UNetConfig:
     dropout: float = 0.0
     image_size: int = 256
     num_classes: int = 0    # > 0: a class embedding added to the time embedding (one model, many categories)
+    # The embedding as scale and shift after the block's second GroupNorm (guided-diffusion's
+    # use_scale_shift_norm). Added before it, as by default, a per-channel bias is erased wherever the norm
+    # has one channel per group (every level of the narrow presets): the network would not see t or class.
+    scale_shift_norm: bool = False
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -42,11 +46,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, scale_shift: bool = False):
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, out_ch)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
@@ -57,8 +62,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        e = self.emb(F.silu(emb))[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -102,9 +112,10 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """A residual block, optionally followed by attention: one step of either half of the UNet."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, attention: bool, heads: int):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, attention: bool, heads: int,
+                 scale_shift: bool = False):
         super().__init__()
-        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout)
+        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout, scale_shift)
         self.attn = AttentionBlock(out_ch, heads) if attention else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -135,7 +146,8 @@ class UNet(nn.Module):
         skip_widths, ch, res = [base], base, cfg.image_size
         for i, mult in enumerate(cfg.channel_mults):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(Level(ch, base * mult, emb_dim, cfg.dropout, attend(res), cfg.num_heads))
+                self.down.append(Level(ch, base * mult, emb_dim, cfg.dropout, attend(res), cfg.num_heads,
+                                         cfg.scale_shift_norm))
                 ch = base * mult
                 skip_widths.append(ch)
             if i < levels - 1:
@@ -144,8 +156,8 @@ class UNet(nn.Module):
                 res //= 2
 
         self.middle = nn.ModuleList([
-            Level(ch, ch, emb_dim, cfg.dropout, True, cfg.num_heads),
-            Level(ch, ch, emb_dim, cfg.dropout, False, cfg.num_heads),
+            Level(ch, ch, emb_dim, cfg.dropout, True, cfg.num_heads, cfg.scale_shift_norm),
+            Level(ch, ch, emb_dim, cfg.dropout, False, cfg.num_heads, cfg.scale_shift_norm),
         ])
 
         # Decoder: one more block per level than the encoder, each taking one skip connection.
@@ -153,7 +165,8 @@ class UNet(nn.Module):
         for i, mult in reversed(list(enumerate(cfg.channel_mults))):
             for _ in range(cfg.num_res_blocks + 1):
                 skip = skip_widths.pop()
-                self.up.append(Level(ch + skip, base * mult, emb_dim, cfg.dropout, attend(res), cfg.num_heads))
+                self.up.append(Level(ch + skip, base * mult, emb_dim, cfg.dropout, attend(res), cfg.num_heads,
+                                         cfg.scale_shift_norm))
                 ch = base * mult
             if i > 0:
                 self.up.append(Upsample(ch))

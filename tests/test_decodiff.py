@@ -1,0 +1,156 @@
+"""DeCo-Diff: the forward process and its target, the patch mask, the correction, multi-category training."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffad.models import checkpoint as ckpt
+from diffad.models.decodiff import (
+    DeCoDiff,
+    DeCoDiffConfig,
+    corrupt,
+    deviation,
+    masked_q_sample,
+    patch_mask,
+    shuffle_patches,
+)
+from diffad.models.presets import decodiff_preset
+from diffad.models.schedule import cosine_alpha_bar
+from diffad.training.demo_data import make_category
+
+from diffad.cli import main
+
+
+def test_cosine_schedule_of_ten_steps_matches_the_formula():
+    ab = cosine_alpha_bar(10)
+    f = [math.cos((u / 10 + 0.008) / 1.008 * math.pi / 2) ** 2 for u in range(11)]
+    assert ab[3].item() == pytest.approx(f[4] / f[0], rel=1e-5)   # no beta capped before the last step
+    assert ab[9].item() == pytest.approx(ab[8].item() * 0.001, rel=1e-4)  # the last beta capped at 0.999
+
+
+def test_forward_process_and_deviation_by_hand():
+    x0 = torch.tensor([[[[0.5, -1.0], [2.0, 0.0]]]])
+    noise = torch.tensor([[[[1.0, 1.0], [-1.0, 0.5]]]])
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])   # 1 = kept clean
+    ab = torch.tensor([0.64])                            # sqrt 0.8, sqrt(1 - ab) 0.6
+    x_t = masked_q_sample(x0, ab, mask, noise)
+    expected = torch.tensor([[[[0.5, 0.8 * -1.0 + 0.6], [0.8 * 2.0 - 0.6, 0.0]]]])
+    assert torch.allclose(x_t, expected)
+    d = deviation(x_t, x0, ab)
+    # zero where clean; elsewhere (x_t - x0) / 0.6 = noise - (1 - 0.8) / 0.6 x0 (the paper's code's form)
+    assert torch.allclose(d, torch.tensor([[[[0.0, 1.0 + 0.2 / 0.6], [-1.0 - 0.4 / 0.6, 0.0]]]]))
+
+
+def test_patch_mask_corrupts_the_asked_share_in_whole_patches():
+    g = torch.Generator().manual_seed(0)
+    mask = patch_mask(3, 16, torch.tensor([0.0, 0.25, 0.7]), 4, g)
+    assert mask.shape == (3, 1, 16, 16)
+    assert [float(1 - m.mean()) for m in mask] == pytest.approx([0.0, 0.25, 11 / 16])  # round(0.7 x 16) cells
+    cells = mask[:, 0].unfold(1, 4, 4).unfold(2, 4, 4)          # [3, 4, 4, 4, 4]: every 4 x 4 cell constant
+    assert torch.all(cells.amax(dim=(-1, -2)) == cells.amin(dim=(-1, -2)))
+    with pytest.raises(ValueError, match="divide"):
+        patch_mask(1, 16, torch.tensor([0.5]), 5, g)
+
+
+def test_shuffled_patches_are_the_batch_s_own_patches_moved():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    y = shuffle_patches(x, 2, torch.Generator().manual_seed(1))
+
+    def patches(t):
+        return sorted(tuple(p.flatten().tolist()) for p in t.unfold(2, 2, 2).unfold(3, 2, 2).reshape(-1, 4))
+
+    assert patches(y) == patches(x) and not torch.equal(y, x)
+
+
+def test_corrupt_targets_zero_where_clean_and_the_network_input_matches():
+    cfg = DeCoDiffConfig(image_size=16, in_channels=1, unet=decodiff_preset("tiny", ("a",), 16, 1).unet,
+                         coarse_factor=4)
+    x0 = torch.randn(4, 1, 16, 16)
+    t = torch.tensor([0, 3, 6, 9])
+    x_t, target = corrupt(x0, cfg, cosine_alpha_bar(10), t, torch.Generator().manual_seed(0))
+    clean = x_t == x0
+    assert torch.all(target[clean] == 0)
+    ab = cosine_alpha_bar(10)[t].view(-1, 1, 1, 1)
+    assert torch.allclose(x_t, x0 + (1 - ab).sqrt() * target, atol=1e-5)
+
+
+def test_correction_follows_the_deterministic_rule():
+    model = DeCoDiff(decodiff_preset("tiny", ("a", "b"), 32, 1)).eval()
+    assert model.config.timesteps == [8, 6, 4, 2, 0]
+    calls = []
+
+    def fake_unet(x_t, t, classes):  # a constant deviation of 0.1: each step's rule can be followed by hand
+        calls.append((int(t[0]), classes.tolist()))
+        return torch.full_like(x_t, 0.1)
+
+    model.unet.forward = fake_unet
+    x = torch.zeros(2, 1, 32, 32)
+    out = model.correct(x, torch.tensor([1, 0]))
+    ab = model.alpha_bar
+    # every step: x0 = x_t - sqrt(1 - ab_t) d, then x_prev = x0 + sqrt(1 - ab_prev) d; the last returns x0
+    expected = 0.0 - (1 - ab[8]).sqrt() * 0.1 + (1 - ab[0]).sqrt() * 0.1 - (1 - ab[0]).sqrt() * 0.1
+    assert [c[0] for c in calls] == [8, 6, 4, 2, 0] and calls[0][1] == [1, 0]
+    assert torch.allclose(out, torch.full_like(x, float(expected)), atol=1e-6)
+
+
+def test_an_untrained_model_maps_nothing_and_a_changed_pixel_shows():
+    model = DeCoDiff(decodiff_preset("tiny", ("a",), 32, 1)).eval()
+    images = torch.rand(2, 1, 32, 32)
+    anomaly_map, score = model(images)   # the UNet's last layer starts at zero: correction = input
+    assert torch.all(anomaly_map == 0) and torch.all(score == 0)
+    x = model.normalize(images)
+    corrected = x.clone()
+    corrected[0, :, 10:14, 10:14] += 1.0
+    amap = model.anomaly_map(x, corrected)
+    assert amap[0, 0, 12, 12] > 0.3 and amap[0, 0, 28, 28] < amap[0, 0, 12, 12] and torch.all(amap[1] == 0)
+
+
+def test_category_choice_and_model_file_round_trip(tmp_path):
+    model = DeCoDiff(decodiff_preset("tiny", ("tile", "tire"), 32, 3))
+    with torch.no_grad():
+        for p in model.unet.parameters():  # zero-initialised layers would hide the condition
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    model.eval()
+    images = torch.rand(2, 3, 32, 32)
+    x = model.normalize(images)
+    tile, tire = (model.correct(x, torch.full((2,), k)) for k in (0, 1))
+    assert (tile - tire).abs().max() > 1e-3  # the condition matters
+    tire_map = model.set_category("tire")(images)[0]
+    assert torch.allclose(tire_map, model.anomaly_map(x, tire))
+    ckpt.save_model(tmp_path / "m.safetensors", model)
+    loaded = ckpt.load_model(tmp_path / "m.safetensors")
+    assert isinstance(loaded, DeCoDiff) and loaded.config.categories == ("tile", "tire")
+    assert torch.allclose(loaded.set_category("tire")(images)[0], tire_map, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown category"):
+        model.set_category("tyre")
+
+
+def test_train_and_evaluate_several_categories_in_one_model(tmp_path):
+    dirs = [make_category(tmp_path / name, size=32, channels=3, num_train=16, seed=i)
+            for i, name in enumerate(("alpha", "beta"))]
+    run = tmp_path / "run"
+    assert main(["train", *map(str, dirs), "--method", "decodiff", "--out", str(run), "--preset", "tiny",
+                 "--max-steps", "6", "--validate-every", "3"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["categories"] == ["alpha", "beta"]
+    assert set(config["held_out_images_by_category"]) == {"alpha", "beta"}
+    history = [json.loads(line) for line in (run / "validation_log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [3, 6] and set(history[0]["categories"]) == {"alpha", "beta"}
+    model = ckpt.load_model(run)
+    assert isinstance(model, DeCoDiff) and model.unet.class_embed.num_embeddings == 2
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(run), *map(str, dirs), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["categories"]) == {"alpha", "beta"}
+    for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1_max"):
+        assert result["mean"][key] == pytest.approx(np.mean([r[key] for r in result["categories"].values()]))
+    assert (run / "calibration.alpha.json").is_file() and (run / "calibration.beta.json").is_file()
+
+
+def test_diffusionad_refuses_several_categories(tmp_path, capsys):
+    dirs = [make_category(tmp_path / n, size=32, channels=1, num_train=8, seed=i) for i, n in enumerate("ab")]
+    assert main(["train", *map(str, dirs), "--out", str(tmp_path / "run"), "--preset", "tiny",
+                 "--max-steps", "1"]) == 2
+    assert "--method decodiff" in capsys.readouterr().err
