@@ -95,6 +95,9 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, options: ExportOptio
     if out_dir.resolve() == run_dir.resolve():
         raise ValueError("the bundle folder must differ from the run folder")
     model = ckpt.load_model(run_dir)  # CheckpointError names the file when it is missing or broken
+    if getattr(model.config, "method", "diffusionad") != "diffusionad":
+        raise ValueError(f"{run_dir} holds a {model.config.method} model: its export is not built yet (only "
+                         "DiffusionAD runs export); evaluate it with `diffad evaluate`")
     calibration = None  # None: the run's calibration.json
     if EXPORT_MODES[options.mode] != "off":
         good = good_images_for(run_dir, options.good_images)

@@ -147,6 +147,9 @@ def test_train_and_evaluate_several_categories_in_one_model(tmp_path):
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1_max"):
         assert result["mean"][key] == pytest.approx(np.mean([r[key] for r in result["categories"].values()]))
     assert (run / "calibration.alpha.json").is_file() and (run / "calibration.beta.json").is_file()
+    # not exportable yet: a clear refusal, nothing written
+    assert main(["export", str(run), "--out", str(tmp_path / "bundle")]) == 2
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_diffusionad_refuses_several_categories(tmp_path, capsys):
