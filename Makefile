@@ -76,7 +76,7 @@ $(DEMO_RUN)/calibration.json: $(DEMO_DATA)/sample_defect.png
 
 $(DEMO_BUNDLE)/bundle.json: $(DEMO_RUN)/calibration.json
 	@echo "demo: 4/4 exporting the bundle $(DEMO_BUNDLE)"
-	$(BIN)/diffad export $(DEMO_RUN) --out $(DEMO_BUNDLE) --overwrite
+	$(BIN)/diffad export $(DEMO_RUN) --out $(DEMO_BUNDLE) --overwrite --no-fp16-graph
 
 demo-clean:
 	rm -rf $(DEMO_DATA) $(DEMO_RUN) $(DEMO_BUNDLE)
