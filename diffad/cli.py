@@ -41,12 +41,17 @@ anomaly map and image score out; the fixed noise inside), check it against PyTor
 write BUNDLE_DIR: bundle.json, model.onnx and model.safetensors. The threshold comes from
 RUN_DIR/calibration.json; a run without one (run `diffad evaluate` first) is exported with threshold null
 and a warning. With --tensorrt, also build and check a TensorRT engine for this machine's GPU.
+
+A DeCo-Diff run (--method decodiff) exports its deterministic correction (the UNet calls unrolled) as one
+graph per category, each checked the same way and with its own threshold (RUN_DIR/calibration.<category>.json
+for a multi-category model): `diffad serve` then serves each category as the model <name>.<category>.
 """
 
 EXPORT_EPILOG = """\
 examples:
   diffad export runs/dagm --out bundles/dagm
   diffad export runs/dagm --out bundles/dagm --overwrite --tensorrt --fp16 --max-batch 16
+  diffad export runs/three --out bundles/three   (a DeCo-Diff model of three categories)
 
 exit status:
   0  bundle written. With --tensorrt on a machine that cannot build engines (no NVIDIA GPU, no tensorrt

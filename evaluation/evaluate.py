@@ -97,7 +97,7 @@ def predict(model: DiffusionAD, images: np.ndarray, batch_size: int = 8, desc: s
     maps, scores = [], []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
         batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size].transpose(0, 3, 1, 2)))
-        anomaly_map, score = pipeline(model, batch.to(model.noise.device), reconstruct)
+        anomaly_map, score = pipeline(model, batch.to(next(model.parameters()).device), reconstruct)
         maps.append(anomaly_map[:, 0].float().cpu().numpy())
         scores.append(score.float().cpu().numpy())
     return np.concatenate(maps), np.concatenate(scores)
@@ -224,8 +224,9 @@ def evaluate_categories(path: str | Path, data_dirs: list[str | Path], json_path
     return result
 
 
-def load_calibration(run_dir: str | Path) -> Calibration | None:
-    path = Path(run_dir) / CALIBRATION_FILE
+def load_calibration(run_dir: str | Path, category: str | None = None) -> Calibration | None:
+    """The run's calibration.json, or with `category` a multi-category model's calibration.<category>.json."""
+    path = Path(run_dir) / (CALIBRATION_FILE if category is None else category_calibration_file(category))
     if not path.is_file():
         return None
     d = json.loads(path.read_text())

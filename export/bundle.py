@@ -6,6 +6,12 @@
     BUNDLE_DIR/model.safetensors    the PyTorch weights (so `diffad evaluate BUNDLE_DIR DATA` works too)
     BUNDLE_DIR/model.<gpu>.trt<version>.<fp16|fp32>.engine   TensorRT engines, where built
 
+A DeCo-Diff bundle ("method": "decodiff") trained on several categories holds one graph per category,
+model.<category>.onnx, each with its own calibrated threshold: bundle.json's `models` list names them, and a
+server serves each as a model of its own, named <bundle>.<category> (`Bundle.models`). The top-level
+`onnx`, `threshold` and `score_normalization` are the first category's, so a reader that knows one graph
+per bundle still sees a complete model.
+
 bundle.json lists the SHA-256 of every other file in the folder; `load_bundle` checks them all, so a
 truncated copy or a swapped file is refused before a single image is scored. This module uses the
 standard library and numpy only: the serving path imports it, and the serving image carries no torch.
@@ -36,11 +42,13 @@ INPUT_RANGES = {"uint8": [0, 255], "float32": [0.0, 1.0]}
 
 NORMALIZATION_FORMULA = "clip(0.5 + (score - threshold) / (score_max - score_min), 0, 1)"
 
+METHODS = ("diffusionad", "decodiff")  # bundle.json's "method"; a bundle without one is DiffusionAD's
 REQUIRED_FIELDS = (
-    "schema_version", "name", "created_at", "diffad_version", "input", "outputs", "t_s", "t_l", "w",
-    "noise_seed", "top_k", "threshold", "score_normalization", "training", "validation", "onnx", "engines",
-    "files",
+    "schema_version", "name", "created_at", "diffad_version", "input", "outputs", "threshold",
+    "score_normalization", "training", "validation", "onnx", "engines", "files",
 )
+# The one-step pipeline's constants, which only DiffusionAD bundles have.
+DIFFUSIONAD_FIELDS = ("t_s", "t_l", "w", "noise_seed", "top_k")
 REQUIRED_INPUT_FIELDS = ("name", "size", "channels", "dtype", "layout", "range")
 
 
@@ -85,15 +93,34 @@ class Bundle:
     path: Path
     name: str
     input: InputSpec
-    t_s: int
-    t_l: int
-    w: float
-    noise_seed: int
-    top_k: int
+    t_s: int | None          # DiffusionAD's constants; None in a DeCo-Diff bundle
+    t_l: int | None
+    w: float | None
+    noise_seed: int | None
+    top_k: int | None
     threshold: float | None
     normalization: ScoreNormalization | None
     engines: tuple[dict, ...]
     manifest: dict
+    method: str = "diffusionad"
+    category: str | None = None  # the class condition this model's graph was exported for (DeCo-Diff)
+
+    def models(self) -> tuple[Bundle, ...]:
+        """The models this bundle serves: itself, or one per category of a multi-category bundle (each with
+        its own graph, threshold and name <bundle>.<category>; the folder and its files are shared)."""
+        entries = self.manifest.get("models")
+        if not entries:
+            return (self,)
+        views = []
+        for entry in entries:
+            try:
+                manifest = {**self.manifest, "name": entry["name"], "category": entry["category"],
+                            "onnx": entry["onnx"], "threshold": entry["threshold"],
+                            "score_normalization": entry["score_normalization"], "engines": [], "models": []}
+            except (KeyError, TypeError) as e:
+                raise BundleError(f"{self.path / MANIFEST_FILE}: an entry of `models` lacks {e}") from e
+            views.append(_bundle_from_manifest(self.path, manifest))
+        return tuple(views)
 
     @property
     def onnx_path(self) -> Path:
@@ -172,7 +199,7 @@ def seal_bundle(bundle_dir: str | Path, manifest: dict) -> dict:
     bundle_dir = Path(bundle_dir)
     manifest = {**manifest, "schema_version": SCHEMA_VERSION,
                 "files": {name: sha256_file(bundle_dir / name) for name in bundle_files(bundle_dir)}}
-    missing = [f for f in REQUIRED_FIELDS if f not in manifest]
+    missing = missing_fields(manifest)
     if missing:
         raise BundleError(f"refusing to write {bundle_dir / MANIFEST_FILE} without {', '.join(missing)}")
     tmp = bundle_dir / (MANIFEST_FILE + ".tmp")
@@ -208,7 +235,7 @@ def read_manifest(bundle_dir: str | Path) -> dict:
     if version != SCHEMA_VERSION:
         raise BundleError(f"{path} has schema_version {version!r}; this diffad reads schema_version "
                           f"{SCHEMA_VERSION}: export the model again with this version")
-    missing = [f for f in REQUIRED_FIELDS if f not in manifest]
+    missing = missing_fields(manifest)
     missing += [f"input.{f}" for f in REQUIRED_INPUT_FIELDS if f not in (manifest.get("input") or {})]
     if "onnx" in manifest and "file" not in (manifest["onnx"] or {}):
         missing.append("onnx.file")
@@ -217,11 +244,20 @@ def read_manifest(bundle_dir: str | Path) -> dict:
     return manifest
 
 
+def missing_fields(manifest: dict) -> list[str]:
+    method = manifest.get("method", "diffusionad")
+    if method not in METHODS:
+        raise BundleError(f"bundle.json names method {method!r}; this diffad serves {', '.join(METHODS)}")
+    required = REQUIRED_FIELDS + (DIFFUSIONAD_FIELDS if method == "diffusionad" else ())
+    return [f for f in required if f not in manifest]
+
+
 def verify_files(bundle_dir: str | Path, manifest: dict) -> None:
     """Every file listed in bundle.json exists and has its recorded SHA-256; the model files are listed."""
     bundle_dir = Path(bundle_dir)
     files: dict[str, str] = manifest["files"]
     referenced = [manifest["onnx"]["file"]] + [e["file"] for e in manifest["engines"]]
+    referenced += [m["onnx"]["file"] for m in manifest.get("models") or []]
     for name in referenced:
         if name not in files:
             raise BundleError(f"{bundle_dir / MANIFEST_FILE} does not list a hash for {name}")
@@ -239,10 +275,18 @@ def load_bundle(bundle_dir: str | Path, verify: bool = True) -> Bundle:
     """Read and check a bundle: schema version, required fields and (unless verify=False) every hash."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
-    for entry in [manifest["onnx"], *manifest["engines"]]:  # what the backends open, even unverified
-        contained_path(bundle_dir, entry["file"])
+    for entry in [manifest["onnx"], *manifest["engines"], *[m["onnx"] for m in manifest.get("models") or []]]:
+        contained_path(bundle_dir, entry["file"])  # what the backends open, even unverified
     if verify:
         verify_files(bundle_dir, manifest)
+    return _bundle_from_manifest(bundle_dir, manifest)
+
+
+def _optional(value, kind):
+    return None if value is None else kind(value)
+
+
+def _bundle_from_manifest(bundle_dir: Path, manifest: dict) -> Bundle:
     try:
         inp = manifest["input"]
         spec = InputSpec(inp["name"], int(inp["size"]), int(inp["channels"]), inp["dtype"], inp["layout"],
@@ -253,10 +297,12 @@ def load_bundle(bundle_dir: str | Path, verify: bool = True) -> Bundle:
             int(norm["num_images"]), norm.get("formula", NORMALIZATION_FORMULA))
         threshold = manifest["threshold"]
         return Bundle(
-            path=bundle_dir, name=manifest["name"], input=spec, t_s=int(manifest["t_s"]),
-            t_l=int(manifest["t_l"]), w=float(manifest["w"]), noise_seed=int(manifest["noise_seed"]),
-            top_k=int(manifest["top_k"]), threshold=None if threshold is None else float(threshold),
-            normalization=normalization, engines=tuple(manifest["engines"]), manifest=manifest)
+            path=bundle_dir, name=manifest["name"], input=spec, t_s=_optional(manifest.get("t_s"), int),
+            t_l=_optional(manifest.get("t_l"), int), w=_optional(manifest.get("w"), float),
+            noise_seed=_optional(manifest.get("noise_seed"), int), top_k=_optional(manifest.get("top_k"), int),
+            threshold=None if threshold is None else float(threshold), normalization=normalization,
+            engines=tuple(manifest["engines"]), manifest=manifest, method=manifest.get("method", "diffusionad"),
+            category=manifest.get("category"))
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{bundle_dir / MANIFEST_FILE} has a malformed field: {e!r}") from e
 
@@ -270,10 +316,11 @@ def describe_input(size: int, channels: int, dtype: str) -> dict[str, Any]:
             "resize": f"bilinear to {size}x{size} (Pillow), as in training"}
 
 
-def describe_outputs(size: int) -> dict[str, Any]:
+def describe_outputs(size: int, score_meaning: str = "raw image score: mean of the top_k map values; "
+                                                     "compare with threshold") -> dict[str, Any]:
     return {
         MAP_OUTPUT: {"shape": ["batch", 1, size, size], "dtype": "float32", "range": [0.0, 1.0],
                      "meaning": "per-pixel anomaly probability at the model's resolution"},
         SCORE_OUTPUT: {"shape": ["batch"], "dtype": "float32", "range": [0.0, 1.0],
-                       "meaning": "raw image score: mean of the top_k map values; compare with threshold"},
+                       "meaning": score_meaning},
     }

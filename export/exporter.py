@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -95,9 +96,8 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, options: ExportOptio
     if out_dir.resolve() == run_dir.resolve():
         raise ValueError("the bundle folder must differ from the run folder")
     model = ckpt.load_model(run_dir)  # CheckpointError names the file when it is missing or broken
-    if getattr(model.config, "method", "diffusionad") != "diffusionad":
-        raise ValueError(f"{run_dir} holds a {model.config.method} model: its export is not built yet (only "
-                         "DiffusionAD runs export); evaluate it with `diffad evaluate`")
+    if getattr(model.config, "method", "diffusionad") == "decodiff":
+        return export_decodiff_bundle(model, run_dir, out_dir, options)
     calibration = None  # None: the run's calibration.json
     if EXPORT_MODES[options.mode] != "off":
         good = good_images_for(run_dir, options.good_images)
@@ -140,6 +140,78 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, options: ExportOptio
     return bundle.manifest
 
 
+CATEGORY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def export_decodiff_bundle(model, run_dir: Path, out_dir: Path, options: ExportOptions) -> dict:
+    """A DeCo-Diff run's bundle: per category, the whole deterministic correction (its UNet calls unrolled,
+    the category's class embedding a constant) as one graph, checked for parity and batch independence, with
+    that category's calibrated threshold. One category: model.onnx, as DiffusionAD's; several:
+    model.<category>.onnx each, listed in bundle.json's `models` (served as <name>.<category>)."""
+    if options.mode != "one-step":
+        raise ValueError(f"--mode {options.mode} is a DiffusionAD reconstruction; a DeCo-Diff run exports its "
+                         "own correction (leave --mode out)")
+    if options.tensorrt is not None:
+        raise ValueError("TensorRT engines for DeCo-Diff bundles are not built yet: export without --tensorrt "
+                         "(the bundle serves on ONNX Runtime, CPU or CUDA)")
+    if options.fp16_graph:
+        log.info("no model.fp16.onnx for DeCo-Diff: the fp16 graph serves TensorRT 11's fp16 engines, which "
+                 "DeCo-Diff bundles do not have yet")
+    cfg = model.config
+    categories = list(cfg.categories)
+    for category in categories:
+        if not CATEGORY_NAME.fullmatch(category):
+            raise ValueError(f"category {category!r} cannot name a graph file or a served model (letters, digits, "
+                             "'_', '.', '-'): rename its folder and train again")
+    name = options.name or run_dir.resolve().name
+    several = len(categories) > 1
+    staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        images = parity_images(cfg.image_size, cfg.in_channels, count=max(options.parity_batch_sizes))
+        graphs = []
+        for category in categories:
+            model.set_category(category)
+            path = staging / (f"model.{category}.onnx" if several else ONNX_FILE)
+            onnx_info = export_onnx(model, path, options.input_dtype, options.opset)
+            parity = onnx_vs_torch(model, path, options.input_dtype, images, options.parity_batch_sizes)
+            if not parity["passed"]:
+                raise ParityError(f"the ONNX graph of category {category} does not match the PyTorch model: "
+                                  + "; ".join(parity["failures"]) + f". No bundle was written to {out_dir}")
+            calibration = load_calibration(run_dir, category if several else None)
+            if calibration is None:
+                log.warning("%s has no calibration for %s: its threshold is null; run `diffad evaluate %s "
+                            "DATA_DIR...` first, then export again", run_dir, category, run_dir)
+            cal = None if calibration is None else calibration.to_dict()
+            graphs.append({"name": f"{name}.{category}" if several else name, "category": category,
+                           "onnx": {**onnx_info.to_dict(), "parity": parity},
+                           "threshold": None if cal is None else float(cal["threshold"]),
+                           "score_normalization": normalization_from_calibration(cal)})
+        shutil.copyfile(run_dir / ckpt.MODEL_FILE, staging / WEIGHTS_FILE)
+        first = graphs[0]
+        manifest = {
+            **_common_manifest(model, run_dir, options, name),
+            "method": "decodiff",
+            "outputs": describe_outputs(cfg.image_size, "raw image score: the map's maximum (DeCo-Diff); compare "
+                                                        "with threshold"),
+            "correction": {"num_steps": cfg.num_steps, "timesteps": cfg.timesteps, "schedule": "cosine"},
+            "categories": categories,
+            "category": first["category"],
+            "threshold": first["threshold"],
+            "score_normalization": first["score_normalization"],
+            "onnx": first["onnx"],
+            "models": graphs if several else [],
+        }
+        seal_bundle(staging, manifest)
+        _move_into_place(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    bundle = load_bundle(out_dir)
+    log.info("bundle written to %s: %s", out_dir, ", ".join(m.name for m in bundle.models()))
+    return bundle.manifest
+
+
 def export_fp16_graph(model, staging: Path, options: ExportOptions, images) -> dict:
     """model.fp16.onnx, checked in ONNX Runtime against the fp32 graph within the fp16 engine bounds."""
     info = export_onnx(model, staging / ONNX_FP16_FILE, options.input_dtype, options.opset, network_dtype="float16")
@@ -166,12 +238,8 @@ def build_manifest(model, run_dir: Path, options: ExportOptions, onnx_block: dic
         log.warning("%s has no calibration.json: the bundle's threshold is null and scores cannot be "
                     "normalised; run `diffad evaluate %s DATA_DIR` first, then export again", run_dir, run_dir)
     return {
-        "schema_version": SCHEMA_VERSION,
-        "name": options.name or run_dir.resolve().name,
-        "preset": cfg.name,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "diffad_version": __version__,
-        "input": describe_input(cfg.image_size, cfg.in_channels, options.input_dtype),
+        **_common_manifest(model, run_dir, options, options.name or run_dir.resolve().name),
+        "method": "diffusionad",
         "outputs": describe_outputs(cfg.image_size),
         "t_s": cfg.t_s,
         "t_l": cfg.t_l,
@@ -180,13 +248,26 @@ def build_manifest(model, run_dir: Path, options: ExportOptions, onnx_block: dic
         "top_k": cfg.top_k,
         "map_sigma": cfg.map_sigma,
         "reconstruction": {"mode": options.mode, **({} if cfg.d3ad.mode == "off" else {"d3ad": asdict(cfg.d3ad)})},
-        "input_standardization": {"mean": list(cfg.input_mean), "std": list(cfg.input_std),
-                                  "formula": "(image / 255 - mean) / std per channel, inside the graph"},
         "threshold": None if calibration is None else float(calibration.threshold),
         "score_normalization": normalization_from_calibration(None if calibration is None else calibration.to_dict()),
+        "onnx": onnx_block,
+    }
+
+
+def _common_manifest(model, run_dir: Path, options: ExportOptions, name: str) -> dict:
+    """What every bundle.json says, whatever the method."""
+    cfg = model.config
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "preset": cfg.name,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "diffad_version": __version__,
+        "input": describe_input(cfg.image_size, cfg.in_channels, options.input_dtype),
+        "input_standardization": {"mean": list(cfg.input_mean), "std": list(cfg.input_std),
+                                  "formula": "(image / 255 - mean) / std per channel, inside the graph"},
         "training": _training_summary(run_dir),
         "validation": _read_json(run_dir / EVAL_FILE),
-        "onnx": onnx_block,
         "engines": [],
         "model_config": cfg.to_dict(),
     }

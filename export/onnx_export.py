@@ -46,7 +46,9 @@ MAX_BATCH = 4096     # the symbolic batch's upper bound, recorded in the graph; 
 
 
 class InferenceGraph(nn.Module):
-    """DiffusionAD's one-step pipeline behind the bundle's input contract (uint8 or float32 NCHW)."""
+    """A model's whole inference behind the bundle's input contract (uint8 or float32 NCHW): DiffusionAD's
+    one-step pipeline, or DeCo-Diff's correction (models/decodiff.py: its UNet calls unrolled, the category a
+    constant), each a module whose forward takes images in [0, 1] and returns (map, score)."""
 
     def __init__(self, model: DiffusionAD, input_dtype: str = "uint8"):
         super().__init__()
@@ -112,7 +114,8 @@ def export_onnx(model: DiffusionAD, path: str | Path, input_dtype: str = "uint8"
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with tempfile.TemporaryDirectory(prefix="diffad-onnx-") as tmp:
         raw = Path(tmp) / "exported.onnx"
-        log.info("exporting the one-step pipeline to ONNX (opset %d, %s input)", opset, input_dtype)
+        log.info("exporting the %s pipeline to ONNX (opset %d, %s input)",
+                 getattr(model.config, "method", "diffusionad"), opset, input_dtype)
         with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
                 graph, (example_batch(model, input_dtype),), dynamo=True, opset_version=opset,

@@ -302,6 +302,9 @@ def builder_plan(trt_version: str, precision: str, has_fp16_graph: bool) -> Buil
 
 def bundle_plan(bundle, trt_version: str, precision: str) -> tuple[BuilderPlan, Path]:
     """The plan for this bundle, and the graph it builds from."""
+    if bundle.method != "diffusionad":
+        raise BundleError(f"{bundle.path}: TensorRT engines for {bundle.method} bundles are not built yet (their "
+                          "graphs serve on ONNX Runtime, CPU or CUDA)")
     fp16_graph = bundle.onnx_fp16_path
     plan = builder_plan(trt_version, precision, fp16_graph is not None)
     return plan, (fp16_graph if plan.onnx == "fp16" else bundle.onnx_path)

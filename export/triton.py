@@ -202,6 +202,9 @@ def export_model(bundle_dir: str | Path, repo: str | Path, options: TritonOption
     """Add one bundle to the repository (a new version, or the one that already holds it); returns what
     was done."""
     bundle = load_bundle(bundle_dir)  # verified: a corrupted bundle must not reach a fleet
+    if bundle.method != "diffusionad":
+        raise TritonExportError(f"bundle {bundle.path} is a {bundle.method} bundle: its Triton export is not built "
+                                "yet; serve it with `diffad serve` (ONNX Runtime)")
     if not TRITON_NAME.fullmatch(bundle.name):
         raise TritonExportError(f"model name {bundle.name!r} is not a Triton model name (letters, digits, "
                                 "'_', '.', '-'): export the bundle again with --name")

@@ -170,15 +170,15 @@ class DeCoDiff(nn.Module):
         self.register_buffer("coarse_kernel", gaussian_kernel(config.coarse_sigma), persistent=False)
         self.category = 0
 
-    @property
-    def noise(self) -> torch.Tensor:
-        """A tensor on the model's device (the evaluation and export code finds the device this way)."""
-        return self.alpha_bar
-
     def set_category(self, name: str) -> DeCoDiff:
         if name not in self.config.categories:
             raise ValueError(f"unknown category {name!r}; this model knows {', '.join(self.config.categories)}")
         self.category = self.config.categories.index(name)
+        return self
+
+    def set_network_dtype(self, dtype: torch.dtype) -> DeCoDiff:
+        """The UNet in dtype (fp16 or bf16 on a GPU); the correction's update and the map stay in fp32."""
+        self.unet.to(dtype)
         return self
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -189,7 +189,8 @@ class DeCoDiff(nn.Module):
         steps = self.config.timesteps
         x_t = x
         for t, t_prev in zip(steps, steps[1:] + [-1], strict=True):
-            d = self.unet(x_t, torch.full((x.shape[0],), t, device=x.device), classes)
+            dtype = self.unet.conv_in.weight.dtype
+            d = self.unet(x_t.to(dtype), torch.full((x.shape[0],), t, device=x.device), classes).float()
             x0 = x_t - (1 - self.alpha_bar[t]).sqrt() * d
             x_t = x0 + (1 - self.alpha_bar[t_prev]).sqrt() * d if t_prev >= 0 else x0
         return x_t

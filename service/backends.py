@@ -267,6 +267,8 @@ class TorchBackend(Backend):
         native_bf16 = kind == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         self.precision = torch_precision(precision, kind, native_bf16)
         model = load_model(bundle.path / WEIGHTS_FILE).to(self.device).eval()
+        if bundle.category is not None:  # one model per category of a multi-category DeCo-Diff bundle
+            model.set_category(bundle.category)
         model.set_network_dtype(getattr(torch, TORCH_DTYPES[self.precision]))
         self.channels_last = kind == "cuda"  # NHWC is what tensor-core convolutions read
         if self.channels_last:

@@ -79,7 +79,7 @@ class ModelRuntime:
                 "threshold": self.bundle.threshold, "calibrated": self.bundle.calibrated,
                 "backend": self.backend.name if self.backend is not None and self.ready else None,
                 "max_batch_size": self.batcher.max_batch_size if self.batcher is not None else None,
-                "state": self.state}
+                "state": self.state, "method": self.bundle.method, "category": self.bundle.category}
 
 
 class ReloadError(Exception):
@@ -97,16 +97,17 @@ class ModelRegistry:
         self.backend_factory = backend_factory or open_backend
         self.models: dict[str, ModelRuntime] = {}
         for path in settings.models:
-            bundle = load_bundle(resolve_bundle_dir(path))
-            if bundle.name in self.models:
-                raise BundleError(f"two bundles are named {bundle.name!r} ({self.models[bundle.name].bundle.path} "
-                                  f"and {path}): model names must be unique; export one with --name")
-            if not bundle.calibrated:
-                log.warning("model %s has no calibrated threshold: answers carry threshold, normalized_score and "
-                            "is_anomalous as null unless the request gives ?threshold=", bundle.name)
-            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"diffad-{bundle.name}"[:32])
-            self.models[bundle.name] = ModelRuntime(bundle, executor, source=Path(path))
-            metrics.model_ready.labels(bundle.name).set(0)
+            # a multi-category DeCo-Diff bundle is one model per category (<name>.<category>)
+            for bundle in load_bundle(resolve_bundle_dir(path)).models():
+                if bundle.name in self.models:
+                    raise BundleError(f"two bundles are named {bundle.name!r} ({self.models[bundle.name].bundle.path}"
+                                      f" and {path}): model names must be unique; export one with --name")
+                if not bundle.calibrated:
+                    log.warning("model %s has no calibrated threshold: answers carry threshold, normalized_score "
+                                "and is_anomalous as null unless the request gives ?threshold=", bundle.name)
+                executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"diffad-{bundle.name}"[:32])
+                self.models[bundle.name] = ModelRuntime(bundle, executor, source=Path(path))
+                metrics.model_ready.labels(bundle.name).set(0)
         self.draining = False
         self._watching: asyncio.Task | None = None
 
@@ -230,9 +231,11 @@ class ModelRegistry:
             previous = model.bundle
             try:
                 folder = resolve_bundle_dir(model.source or previous.path)
-                bundle = await loop.run_in_executor(None, load_bundle, folder)
-                if bundle.name != name:
-                    raise BundleError(f"{previous.path} now holds model {bundle.name!r}: a reload keeps the model's "
+                loaded = await loop.run_in_executor(None, load_bundle, folder)
+                bundle = next((b for b in loaded.models() if b.name == name), None)
+                if bundle is None:
+                    held = ", ".join(repr(b.name) for b in loaded.models())
+                    raise BundleError(f"{previous.path} now holds model {held}: a reload keeps the model's "
                                       "name (serve another model with a restart)")
                 if bundle.input != previous.input:
                     raise BundleError(f"the new version's input ({bundle.input.channels}x{bundle.input.size}, "

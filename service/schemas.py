@@ -58,6 +58,8 @@ class ModelInfo(BaseModel):
     backend: str | None = Field(description="null while loading")
     max_batch_size: int | None
     state: str = Field(description="loading, ready, failed or stopped")
+    method: str = Field("diffusionad", description="the bundle's method: diffusionad or decodiff")
+    category: str | None = Field(None, description="the category this model scores (a DeCo-Diff bundle)")
 
 
 class ReloadResponse(BaseModel):

@@ -1,11 +1,18 @@
 """DeCo-Diff: the forward process and its target, the patch mask, the correction, multi-category training."""
 
+import asyncio
+import io
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from diffad.export.bundle import BundleError, load_bundle
+from diffad.export.parity import onnxruntime_runner
+from diffad.export.tensorrt_engine import bundle_plan
+from diffad.export.triton import TritonExportError, export_model
 from diffad.models import checkpoint as ckpt
 from diffad.models.decodiff import (
     DeCoDiff,
@@ -19,6 +26,8 @@ from diffad.models.decodiff import (
 from diffad.models.presets import decodiff_preset
 from diffad.models.schedule import cosine_alpha_bar
 from diffad.training.demo_data import make_category
+from PIL import Image
+from test_service import make_settings, serving, until_ready
 
 from diffad.cli import main
 
@@ -127,12 +136,32 @@ def test_category_choice_and_model_file_round_trip(tmp_path):
         model.set_category("tyre")
 
 
-def test_train_and_evaluate_several_categories_in_one_model(tmp_path):
-    dirs = [make_category(tmp_path / name, size=32, channels=3, num_train=16, seed=i)
+@pytest.fixture(scope="module")
+def two_categories(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return [make_category(root / name, size=32, channels=3, num_train=16, seed=i)
             for i, name in enumerate(("alpha", "beta"))]
-    run = tmp_path / "run"
-    assert main(["train", *map(str, dirs), "--method", "decodiff", "--out", str(run), "--preset", "tiny",
-                 "--max-steps", "6", "--validate-every", "3"]) == 0
+
+
+@pytest.fixture(scope="module")
+def multi_run(two_categories, tmp_path_factory):
+    """One tiny DeCo-Diff model trained on two categories, then evaluated (which calibrates each)."""
+    run = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["train", *map(str, two_categories), "--method", "decodiff", "--out", str(run), "--preset",
+                 "tiny", "--max-steps", "6", "--validate-every", "3"]) == 0
+    assert main(["evaluate", str(run), *map(str, two_categories), "--json", str(run / "eval_all.json")]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def multi_bundle(multi_run, tmp_path_factory):
+    bundle_dir = tmp_path_factory.mktemp("bundles") / "run"
+    assert main(["export", str(multi_run), "--out", str(bundle_dir), "--no-fp16-graph"]) == 0
+    return bundle_dir
+
+
+def test_train_and_evaluate_several_categories_in_one_model(multi_run):
+    run = multi_run
     config = json.loads((run / "config.json").read_text())
     assert config["categories"] == ["alpha", "beta"]
     assert set(config["held_out_images_by_category"]) == {"alpha", "beta"}
@@ -140,16 +169,84 @@ def test_train_and_evaluate_several_categories_in_one_model(tmp_path):
     assert [h["step"] for h in history] == [3, 6] and set(history[0]["categories"]) == {"alpha", "beta"}
     model = ckpt.load_model(run)
     assert isinstance(model, DeCoDiff) and model.unet.class_embed.num_embeddings == 2
-    out = tmp_path / "eval.json"
-    assert main(["evaluate", str(run), *map(str, dirs), "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
+    result = json.loads((run / "eval_all.json").read_text())
     assert set(result["categories"]) == {"alpha", "beta"}
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1_max"):
         assert result["mean"][key] == pytest.approx(np.mean([r[key] for r in result["categories"].values()]))
     assert (run / "calibration.alpha.json").is_file() and (run / "calibration.beta.json").is_file()
-    # not exportable yet: a clear refusal, nothing written
-    assert main(["export", str(run), "--out", str(tmp_path / "bundle")]) == 2
-    assert not (tmp_path / "bundle").exists()
+
+
+def test_export_writes_one_checked_graph_per_category(multi_run, multi_bundle):
+    bundle = load_bundle(multi_bundle)
+    assert bundle.method == "decodiff" and bundle.t_s is None and bundle.manifest["categories"] == ["alpha", "beta"]
+    assert bundle.manifest["correction"]["timesteps"] == [8, 6, 4, 2, 0]
+    views = {view.name: view for view in bundle.models()}
+    assert set(views) == {"run.alpha", "run.beta"}
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    uint8 = (images * 255).round().to(torch.uint8)
+    model = ckpt.load_model(multi_run).eval()
+    for category in ("alpha", "beta"):
+        view = views[f"run.{category}"]
+        assert view.category == category and view.onnx_path == multi_bundle / f"model.{category}.onnx"
+        parity = view.manifest["onnx"]["parity"]
+        assert parity["passed"] and parity["batch_independence"]["batch_sizes"] == [1, 8], parity
+        calibration = json.loads((multi_run / f"calibration.{category}.json").read_text())
+        assert view.threshold == pytest.approx(calibration["threshold"])
+        # the graph computes what the model computes for this category, not for the other one
+        maps, scores = onnxruntime_runner(view.onnx_path)(uint8.numpy())
+        with torch.no_grad():
+            _, expected = model.set_category(category)(uint8.float() / 255)
+        assert np.allclose(scores, expected.numpy(), atol=1e-4)
+
+
+def test_multi_category_bundle_serves_one_model_per_category(multi_run, multi_bundle, two_categories):
+    image = np.asarray(Image.open(sorted((two_categories[1] / "test" / "good").glob("*.png"))[0]).convert("RGB"))
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    files = {"file": ("part.png", buffer.getvalue(), "image/png")}
+
+    async def inspect():
+        async with serving(make_settings(multi_bundle), wait_ready=False) as (_, client):
+            for name in ("run.alpha", "run.beta"):
+                await until_ready(client, model=name)
+            listed = (await client.get("/models")).json()
+            chosen = await client.post("/inspect", params={"model": "run.beta", "map": "none"}, files=files)
+            unchosen = await client.post("/inspect", params={"map": "none"}, files=files)
+            return listed, chosen, unchosen
+
+    listed, chosen, unchosen = asyncio.run(inspect())
+    entries = listed["models"] if isinstance(listed, dict) else listed
+    assert {(m["name"], m["method"], m["category"]) for m in entries} == {
+        ("run.alpha", "decodiff", "alpha"), ("run.beta", "decodiff", "beta")}
+    assert chosen.status_code == 200, chosen.text
+    with torch.no_grad():
+        _, expected = ckpt.load_model(multi_run).eval().set_category("beta")(
+            torch.from_numpy(image.transpose(2, 0, 1)[None].copy()).float() / 255)
+    assert chosen.json()["image_score"] == pytest.approx(float(expected[0]), abs=1e-4)
+    assert chosen.json()["threshold"] == pytest.approx(load_bundle(multi_bundle).models()[1].threshold)
+    assert unchosen.status_code == 422 and "model" in unchosen.text, "two models: the request must name one"
+
+
+def test_decodiff_bundle_needs_no_one_step_fields_and_an_unknown_method_is_refused(multi_bundle, tmp_path):
+    manifest = json.loads((multi_bundle / "bundle.json").read_text())
+    assert not {"t_s", "t_l", "w", "noise_seed", "top_k"} & set(manifest)
+    copy = shutil.copytree(multi_bundle, tmp_path / "bundle")
+    (copy / "bundle.json").write_text(json.dumps({**manifest, "method": "patchcore"}))
+    with pytest.raises(BundleError, match="method 'patchcore'"):
+        load_bundle(copy)
+    (copy / "bundle.json").write_text(json.dumps({**manifest, "method": "diffusionad"}))
+    with pytest.raises(BundleError, match="t_s"):  # a DiffusionAD bundle must carry its one-step constants
+        load_bundle(copy)
+
+
+def test_what_decodiff_bundles_do_not_have_yet_is_refused_clearly(multi_run, multi_bundle, tmp_path, capsys):
+    with pytest.raises(BundleError, match="TensorRT engines for decodiff"):
+        bundle_plan(load_bundle(multi_bundle), "11.0", "fp16")
+    with pytest.raises(TritonExportError, match="decodiff bundle"):
+        export_model(multi_bundle, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+    assert main(["export", str(multi_run), "--out", str(tmp_path / "b"), "--tensorrt"]) == 2
+    assert "TensorRT" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
 def test_diffusionad_refuses_several_categories(tmp_path, capsys):

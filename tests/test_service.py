@@ -134,9 +134,10 @@ async def serving(settings, backend_factory=None, wait_ready=True):
             yield app, client
 
 
-async def until_ready(client, timeout_s=30.0):
+async def until_ready(client, timeout_s=30.0, model=None):
     deadline = time.monotonic() + timeout_s
-    while (await client.get("/readyz")).status_code != 200:
+    params = {"model": model} if model else None
+    while (await client.get("/readyz", params=params)).status_code != 200:
         assert time.monotonic() < deadline, "service not ready in time"
         await asyncio.sleep(0.02)
 

@@ -122,7 +122,7 @@ def test_failing_optimization_profile_raises(monkeypatch, tmp_path):
 def test_fp16_on_11_without_graph_is_refused_before_parsing(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt("11.4.0.106", calls))
-    bundle = types.SimpleNamespace(onnx_fp16_path=None, onnx_path=tmp_path / "model.onnx")
+    bundle = types.SimpleNamespace(method="diffusionad", onnx_fp16_path=None, onnx_path=tmp_path / "model.onnx")
     with pytest.raises(te.TensorRTUnavailable, match="re-export the bundle"):
         te.build_checked_engine(bundle, te.GpuInfo("Fake GPU", "9.0"), tmp_path / "e", te.EngineOptions(fp16=True))
     with pytest.raises(te.TensorRTUnavailable, match="re-export the bundle"):
