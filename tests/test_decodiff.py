@@ -25,6 +25,7 @@ from diffad.models.decodiff import (
 )
 from diffad.models.presets import decodiff_preset
 from diffad.models.schedule import cosine_alpha_bar
+from diffad.service.backends import TorchBackend
 from diffad.training.demo_data import make_category
 from PIL import Image
 from test_service import make_settings, serving, until_ready
@@ -149,6 +150,13 @@ def multi_run(two_categories, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "run"
     assert main(["train", *map(str, two_categories), "--method", "decodiff", "--out", str(run), "--preset",
                  "tiny", "--max-steps", "6", "--validate-every", "3"]) == 0
+    # six steps barely teach the condition: perturbed, the categories score apart, so a graph or a backend
+    # that scored the wrong category would be seen
+    model = ckpt.load_model(run)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    ckpt.save_model(run / ckpt.MODEL_FILE, model)
     assert main(["evaluate", str(run), *map(str, two_categories), "--json", str(run / "eval_all.json")]) == 0
     return run
 
@@ -185,6 +193,10 @@ def test_export_writes_one_checked_graph_per_category(multi_run, multi_bundle):
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     uint8 = (images * 255).round().to(torch.uint8)
     model = ckpt.load_model(multi_run).eval()
+    with torch.no_grad():
+        alpha, beta = (model.set_category(c)(uint8.float() / 255)[1] for c in ("alpha", "beta"))
+    apart = alpha - beta
+    assert apart.abs().max() > 1e-3, "the categories must score apart for this test to see a mix-up"
     for category in ("alpha", "beta"):
         view = views[f"run.{category}"]
         assert view.category == category and view.onnx_path == multi_bundle / f"model.{category}.onnx"
@@ -197,6 +209,8 @@ def test_export_writes_one_checked_graph_per_category(multi_run, multi_bundle):
         with torch.no_grad():
             _, expected = model.set_category(category)(uint8.float() / 255)
         assert np.allclose(scores, expected.numpy(), atol=1e-4)
+        _, torch_scores = TorchBackend(view).run(uint8.numpy())  # the torch backend serves the same category
+        assert np.allclose(torch_scores, expected.numpy(), atol=1e-5)
 
 
 def test_multi_category_bundle_serves_one_model_per_category(multi_run, multi_bundle, two_categories):
