@@ -42,7 +42,7 @@ from .bundle import (
     normalization_from_calibration,
     seal_bundle,
 )
-from .onnx_export import DEFAULT_OPSET, MIN_OPSET, export_onnx
+from .onnx_export import DEFAULT_OPSET, MIN_OPSET, export_onnx, with_category
 from .parity import (
     TENSORRT_TOLERANCES,
     as_graph_input,
@@ -170,11 +170,14 @@ def export_decodiff_bundle(model, run_dir: Path, out_dir: Path, options: ExportO
     staging.mkdir(parents=True)
     try:
         images = parity_images(cfg.image_size, cfg.in_channels, count=max(options.parity_batch_sizes))
-        graphs = []
-        for category in categories:
+        graphs, first_export = [], None
+        for index, category in enumerate(categories):
             model.set_category(category)
             path = staging / (f"model.{category}.onnx" if several else ONNX_FILE)
-            onnx_info = export_onnx(model, path, options.input_dtype, options.opset)
+            if first_export is None:
+                onnx_info = first_export = export_onnx(model, path, options.input_dtype, options.opset)
+            else:  # the same graph with another category constant; checked below as the first one is
+                onnx_info = with_category(first_export, path, index)
             parity = onnx_vs_torch(model, path, options.input_dtype, images, options.parity_batch_sizes)
             if not parity["passed"]:
                 raise ParityError(f"the ONNX graph of category {category} does not match the PyTorch model: "

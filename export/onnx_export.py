@@ -17,6 +17,7 @@ com.microsoft fused operators (FusedConv, QuickGelu) that only ONNX Runtime's CP
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -24,11 +25,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 
+from ..models.decodiff import CATEGORY_OFFSET
 from ..models.diffusionad import DiffusionAD
 from .bundle import INPUT_DTYPES, INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT
 
@@ -43,6 +46,8 @@ OPTIMIZATION = "onnxruntime ORT_ENABLE_BASIC (offline, standard ONNX operators o
 EXAMPLE_BATCH = 2    # torch.export specialises a batch of 1; any other size keeps the axis symbolic
 NETWORK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 MAX_BATCH = 4096     # the symbolic batch's upper bound, recorded in the graph; engines choose their own
+# DeCo-Diff's category (DeCoDiff.category_index, under InferenceGraph.model): an initializer of the graph
+CATEGORY_CONSTANT = "model.category_index"
 
 
 class InferenceGraph(nn.Module):
@@ -206,3 +211,23 @@ class _quiet_exporter:
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
         return False
+
+
+def with_category(export: OnnxExport, target: str | Path, index: int) -> OnnxExport:
+    """A copy of an exported DeCo-Diff graph that takes every image for category `index`: the same graph
+    with its category constant changed. Exporting again per category would take as long as the first export
+    (tens of seconds each); the copy is checked for parity like any graph (export/exporter.py)."""
+    target = Path(target)
+    proto = onnx.load(str(export.path))
+    found = [i for i in proto.graph.initializer if i.name == CATEGORY_CONSTANT]
+    if len(found) != 1:
+        raise RuntimeError(f"{export.path} has no initializer {CATEGORY_CONSTANT!r}: the exporter or the optimiser "
+                           "changed how the category is held; export each category on its own")
+    users = [n.op_type for n in proto.graph.node if CATEGORY_CONSTANT in n.input]
+    if users != ["Expand"]:  # shared with an equal constant elsewhere, changing it would change that too
+        raise RuntimeError(f"{export.path}: {CATEGORY_CONSTANT!r} feeds {users}, not one Expand: export each "
+                           "category on its own")
+    found[0].CopyFrom(onnx.numpy_helper.from_array(np.array(CATEGORY_OFFSET + index, dtype=np.int64),
+                                                   CATEGORY_CONSTANT))
+    onnx.save(proto, str(target))
+    return dataclasses.replace(export, path=target)

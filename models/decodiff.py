@@ -152,6 +152,9 @@ def corrupt(x0: torch.Tensor, config: DeCoDiffConfig, alpha_bar: torch.Tensor, t
 
 
 # --- the model ---------------------------------------------------------------------------------
+CATEGORY_OFFSET = 1_000_003  # DeCoDiff.category_index holds this + the category's index
+
+
 class DeCoDiff(nn.Module):
     """forward(images in [0, 1], classes [N] or None) -> (anomaly map [N, 1, H, W] in [0, 1], score [N]).
 
@@ -168,12 +171,20 @@ class DeCoDiff(nn.Module):
         self.register_buffer("input_std", torch.tensor(config.input_std).view(shape), persistent=False)
         self.register_buffer("image_kernel", gaussian_kernel(config.image_sigma), persistent=False)
         self.register_buffer("coarse_kernel", gaussian_kernel(config.coarse_sigma), persistent=False)
-        self.category = 0
+        # The category every image is taken for when forward gets no classes. A buffer, not an int: an exported
+        # graph holds it as a named constant (export/onnx_export.py: CATEGORY_CONSTANT), so one export serves
+        # every category. Stored offset: the exporter shares one initializer among equal constants, and a
+        # plain 0 or 1 would be shared with the attention's split indices (export/onnx_export.py checks it).
+        self.register_buffer("category_index", torch.tensor(CATEGORY_OFFSET), persistent=False)
+
+    @property
+    def category(self) -> int:
+        return int(self.category_index) - CATEGORY_OFFSET
 
     def set_category(self, name: str) -> DeCoDiff:
         if name not in self.config.categories:
             raise ValueError(f"unknown category {name!r}; this model knows {', '.join(self.config.categories)}")
-        self.category = self.config.categories.index(name)
+        self.category_index.fill_(CATEGORY_OFFSET + self.config.categories.index(name))
         return self
 
     def set_network_dtype(self, dtype: torch.dtype) -> DeCoDiff:
@@ -211,7 +222,8 @@ class DeCoDiff(nn.Module):
 
     def forward(self, images: torch.Tensor, classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if classes is None:
-            classes = torch.full((images.shape[0],), self.category, dtype=torch.long, device=images.device)
+            # two constants, neither equal to the stored value (see __init__)
+            classes = self.category_index.expand(images.shape[0]) - (CATEGORY_OFFSET - 1) - 1
         x = self.normalize(images)
         anomaly_map = self.anomaly_map(x, self.correct(x, classes))
         return anomaly_map, self.score(anomaly_map)

@@ -140,7 +140,7 @@ def train_decodiff(data_dirs: list[str | Path], run_dir: str | Path, preset_name
         for name, vset in vsets.items():
             candidate.set_category(name)
             per_category[name] = validation_metrics(vset, *predict(candidate, vset.images, progress=False))
-        candidate.category = 0
+        candidate.set_category(names[0])
         score = float(np.mean([r["score"] for r in per_category.values()]))
         if score > best_score:
             best_score = score
