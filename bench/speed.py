@@ -20,6 +20,12 @@ machine), printed as one JSON object on stdout; progress goes to stderr:
 RUN_DIR_OR_BUNDLE is a bundle (`diffad export`), a training run folder or a model file; a run is exported
 to a temporary bundle first (the ONNX graph and its parity checks, as `diffad export` does).
 
+The method is the model's: for a DeCo-Diff model the reconstruction section has one row, its deterministic
+correction (five UNet passes), scored on DATA_DIR's category (the folder's name, one of the model's), and
+the backends section times that category's graph. `--against OTHER` times OTHER's graph (a bundle, run or
+model file of either method) with ONNX Runtime at the same batches, interleaved with this model's, and
+reports their ratio: two methods' exported graphs compared in one run.
+
     diffad bench speed bundles/dagm_small ../shared/datasets/dagm_class1 --limit 20 --batch 1 8
 """
 
@@ -72,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="backend of the served model in the memory measurement (default onnxruntime)")
     p.add_argument("--service-requests", type=int, default=16, help="requests sent before reading memory (default 16)")
     p.add_argument("--no-service", action="store_true", help="skip the service memory measurement")
+    p.add_argument("--against", metavar="OTHER",
+                   help="another bundle, run or model file (of either method, same input size) whose ONNX graph is "
+                   "timed at the same batches, side by side with this one's")
     p.add_argument("--json", metavar="FILE", help="also write the result to FILE")
 
 
@@ -243,9 +252,57 @@ def compare_reconstructions(model, images: np.ndarray, masks: np.ndarray, labels
     return out
 
 
+def time_decodiff(model, images: np.ndarray, masks: np.ndarray, labels: np.ndarray, batch_size: int,
+                  min_seconds: float) -> dict:
+    """DeCo-Diff's one row: its correction (the model's forward, for its category), timed and scored."""
+    import torch
+
+    from ..evaluation.evaluate import predict
+    from ..evaluation.metrics import compute_metrics
+    from .throughput import time_batches
+
+    with torch.inference_mode():  # warm-up at the full and the last batch's shapes
+        for n in sorted({min(batch_size, len(images)), len(images) % batch_size} - {0}):
+            model(torch.from_numpy(np.ascontiguousarray(images[:n].transpose(0, 3, 1, 2))))
+    outputs = []
+
+    def one_pass():
+        outputs.append(predict(model, images, batch_size, desc="decodiff", progress=not outputs))
+
+    times = time_batches(one_pass, min_seconds, min_iterations=1, warmup=0)
+    maps, scores = outputs[0]
+    metrics = compute_metrics(labels, scores, masks, maps)
+    row = {"method": "decodiff", "unet_passes_per_image": len(model.config.timesteps), "repeats": len(times),
+           "seconds_per_image": round(sum(times) / (len(times) * len(images)), 6),
+           **{k: round(float(metrics[k]), 4) for k in METRICS},
+           "score_mean_good": round(float(scores[labels == 0].mean()), 5),
+           "score_mean_defective": round(float(scores[labels == 1].mean()), 5)}
+    log.info("decodiff: %.4f s/image, image AUROC %.3f, pixel AUROC %.3f", row["seconds_per_image"],
+             row["image_auroc"], row["pixel_auroc"])
+    return {"batch_size": batch_size, "category": model.config.categories[model.category],
+            "timesteps": model.config.timesteps,
+            "note": "DeCo-Diff: the clean image taken as the state at step 8, corrected in deterministic steps "
+                    "8, 6, 4, 2, 0; the map from the input against its correction; the score its maximum",
+            "methods": [row]}
+
+
+def decodiff_view(model, bundle, data_dir: str | Path):
+    """A DeCo-Diff model set to DATA_DIR's category, and the bundle's model (graph) for that category."""
+    category = Path(data_dir).resolve().name
+    if len(model.config.categories) == 1:
+        category = model.config.categories[0]
+    elif category not in model.config.categories:
+        raise ValueError(f"{data_dir}: this DeCo-Diff model knows the categories "
+                         f"{', '.join(model.config.categories)}; DATA_DIR's folder name must be one of them")
+    model.set_category(category)
+    view = next((b for b in bundle.models() if b.category in (category, None)), bundle)
+    return model, view
+
+
 # --- (b) ONNX Runtime against PyTorch eager ---------------------------------------------------------
 def compare_backends(model, bundle, images_uint8: np.ndarray, batches: list[int], seconds: float,
-                     threads: int | None) -> dict:
+                     threads: int | None, against=None) -> dict:
+    """`against`: another bundle whose graph is timed with ONNX Runtime after this one's at each batch."""
     import torch
 
     from ..export.onnx_export import InferenceGraph
@@ -255,7 +312,8 @@ def compare_backends(model, bundle, images_uint8: np.ndarray, batches: list[int]
     spec = bundle.input
     session = onnxruntime_session(bundle.onnx_path, threads)
     graph = InferenceGraph(model, spec.dtype).eval()
-    rows, ratios, diffs = [], {}, {}
+    other = onnxruntime_session(against.onnx_path, threads) if against is not None else None
+    rows, ratios, diffs, against_rows, against_ratios = [], {}, {}, [], {}
     for batch in batches:
         images = as_graph_input(tile_batch(images_uint8, batch), spec.dtype)
         tensor = torch.from_numpy(images)
@@ -278,8 +336,19 @@ def compare_backends(model, bundle, images_uint8: np.ndarray, batches: list[int]
             by_backend[backend] = row["images_per_s"]
             log.info("%s batch %d: %.2f images/s", backend, batch, row["images_per_s"])
         ratios[str(batch)] = round(by_backend["onnxruntime-cpu"] / by_backend["torch-cpu-eager"], 3)
-    return {"input_dtype": spec.dtype, "threads": threads or os.cpu_count(), "seconds_per_configuration": seconds,
-            "results": rows, "onnxruntime_over_torch": ratios, "max_abs_diff_onnxruntime_vs_torch": diffs}
+        if other is not None:
+            other_images = as_graph_input(tile_batch(images_uint8, batch), against.input.dtype)
+            row = {"backend": "onnxruntime-cpu", "model": against.name, **summarise(
+                time_batches(lambda x=other_images: other.run(None, {against.input.name: x}), seconds), batch)}
+            against_rows.append(row)
+            against_ratios[str(batch)] = round(by_backend["onnxruntime-cpu"] / row["images_per_s"], 3)
+            log.info("%s (against) batch %d: %.2f images/s", against.name, batch, row["images_per_s"])
+    out = {"input_dtype": spec.dtype, "threads": threads or os.cpu_count(), "seconds_per_configuration": seconds,
+           "results": rows, "onnxruntime_over_torch": ratios, "max_abs_diff_onnxruntime_vs_torch": diffs}
+    if against is not None:
+        out["against"] = {"model": against.name, "method": against.method, "onnx": against.onnx_path.name,
+                          "results": against_rows, "this_over_against_images_per_s": against_ratios}
+    return out
 
 
 # --- (c) achieved FLOP/s against a matrix product ---------------------------------------------------
@@ -330,7 +399,8 @@ def achieved_compute(model, backends: dict, batch: int, matmul: dict) -> dict:
                      "fraction_of_peak": round(achieved / matmul["peak_gflops"], 4)})
     return {"gmac_per_image": {k: round(v, 4) for k, v in gmac.items()},
             "flop_count": "2 x the multiply-accumulates torch's FLOP counter sees (convolutions, matrix products, "
-                          "attention) for two UNet passes + segmentation; normalisations and activations excluded",
+                          "attention) for the pipeline's UNet passes (+ segmentation for DiffusionAD); "
+                          "normalisations and activations excluded",
             "matmul": matmul, "backends": rows}
 
 
@@ -420,9 +490,23 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress
     command = getattr(args, "command", None) or shlex.join(["diffad", "bench", "speed", args.model, args.data_dir])
+    from ..models.decodiff import DeCoDiff
+
     source = ModelSource(args.model)
+    against = ModelSource(args.against) if args.against else None
     try:
         model, bundle = source.model.eval(), source.bundle
+        decodiff = isinstance(model, DeCoDiff)
+        if decodiff:
+            model, bundle = decodiff_view(model, bundle, args.data_dir)
+        other = None
+        if against is not None:
+            other = against.bundle
+            if isinstance(against.model, DeCoDiff):
+                _, other = decodiff_view(against.model, other, args.data_dir)
+            if (other.input.size, other.input.channels) != (bundle.input.size, bundle.input.channels):
+                raise ValueError(f"--against {args.against}: its input is {other.input.channels}x{other.input.size}, "
+                                 f"this model's {bundle.input.channels}x{bundle.input.size}: compare like with like")
         cfg = model.config
         chosen, images, masks, labels, total = load_test_images(args.data_dir, cfg.image_size, cfg.in_channels,
                                                                 args.limit)
@@ -434,35 +518,46 @@ def run(args) -> int:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": command,
             "machine": machine(),
-            "model": {"source": str(args.model), "kind": source.kind, "name": bundle.name, "preset": cfg.name,
-                      "image_size": cfg.image_size, "channels": cfg.in_channels, "t_s": cfg.t_s, "t_l": cfg.t_l,
-                      "unet_params_m": round(count_parameters(model.unet) / 1e6, 3),
-                      "segmentation_params_m": round(count_parameters(model.segmentation) / 1e6, 3)},
+            "model": {"source": str(args.model), "kind": source.kind, "name": bundle.name,
+                      "method": "decodiff" if decodiff else "diffusionad", "preset": cfg.name,
+                      "image_size": cfg.image_size, "channels": cfg.in_channels,
+                      **({"categories": list(cfg.categories), "category": bundle.category} if decodiff else
+                         {"t_s": cfg.t_s, "t_l": cfg.t_l,
+                          "segmentation_params_m": round(count_parameters(model.segmentation) / 1e6, 3)}),
+                      "unet_params_m": round(count_parameters(model.unet) / 1e6, 3)},
             "data": {"data_dir": str(args.data_dir), "test_images": total, "used": len(chosen),
                      "good": int((labels == 0).sum()), "defective": int(labels.sum()),
                      "defect_types": sorted({s.defect_type for s in chosen} - {"good"}), "limit": args.limit},
         }
-        from ..models.d3ad import D3ADConfig
+        if decodiff:
+            log.info("(a) DeCo-Diff's correction on %d images (category %s)", len(chosen), bundle.category)
+            out["reconstruction"] = time_decodiff(model, images, masks, labels, args.recon_batch, args.seconds)
+        else:
+            from ..models.d3ad import D3ADConfig
 
-        methods_asked = [m.strip() for m in args.methods.split(",") if m.strip()]
-        unknown = sorted(set(methods_asked) - set(METHODS))
-        if unknown:
-            raise ValueError(f"--methods: unknown {', '.join(unknown)}; choose among {', '.join(METHODS)}")
-        own = model.config.d3ad
-        model.set_d3ad(D3ADConfig(steps=own.steps, w=own.w, max_step=own.max_step))  # its forward: one-step
-        d3ad = {name: d3ad_settings(model, own, source.path, mode) for name, mode in
-                (("d3ad-fixed", "fixed"), ("d3ad", "dynamic")) if name in methods_asked}
-        log.info("(a) reconstruction methods on %d images", len(chosen))
-        out["reconstruction"] = compare_reconstructions(model, images, masks, labels, args.recon_batch,
-                                                        args.ddim_steps, args.seconds, methods_asked, d3ad)
-        model.set_d3ad(own)  # the backends section compares the bundle's graph with this model
+            methods_asked = [m.strip() for m in args.methods.split(",") if m.strip()]
+            unknown = sorted(set(methods_asked) - set(METHODS))
+            if unknown:
+                raise ValueError(f"--methods: unknown {', '.join(unknown)}; choose among {', '.join(METHODS)}")
+            own = model.config.d3ad
+            model.set_d3ad(D3ADConfig(steps=own.steps, w=own.w, max_step=own.max_step))  # its forward: one-step
+            d3ad = {name: d3ad_settings(model, own, source.path, mode) for name, mode in
+                    (("d3ad-fixed", "fixed"), ("d3ad", "dynamic")) if name in methods_asked}
+            log.info("(a) reconstruction methods on %d images", len(chosen))
+            out["reconstruction"] = compare_reconstructions(model, images, masks, labels, args.recon_batch,
+                                                            args.ddim_steps, args.seconds, methods_asked, d3ad)
+            model.set_d3ad(own)  # the backends section compares the bundle's graph with this model
         uint8 = as_uint8_nchw(images)
         log.info("(b) ONNX Runtime against PyTorch eager at batch %s", ", ".join(map(str, batches)))
-        out["backends"] = compare_backends(model, bundle, uint8, batches, args.seconds, args.threads)
+        out["backends"] = compare_backends(model, bundle, uint8, batches, args.seconds, args.threads, other)
         log.info("(c) float32 matrix product, %d x %d", args.matmul_size, args.matmul_size)
         out["compute"] = achieved_compute(model, out["backends"], batches[-1],
                                           matmul_flops(args.matmul_size, args.matmul_repeats))
         if args.no_service:
+            out["service"] = None
+        elif decodiff and len(cfg.categories) > 1:
+            log.warning("(d) skipped: a multi-category bundle serves one model per category, and the load "
+                        "generator names none")
             out["service"] = None
         else:
             log.info("(d) memory of `diffad serve` with this model (%s backend)", args.service_backend)
@@ -471,6 +566,8 @@ def run(args) -> int:
                                             png_bytes(uint8[defective]), args.threads, max(batches))
     finally:
         source.close()
+        if against is not None:
+            against.close()
     emit(out, args.json)
     return 0
 

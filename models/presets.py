@@ -65,14 +65,21 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 def count_gmac(model: DiffusionAD) -> dict[str, float]:
-    """GMAC for one image through the full one-step pipeline (two UNet passes + segmentation).
+    """GMAC for one image through the full pipeline: DiffusionAD's one-step (two UNet passes +
+    segmentation), or DeCo-Diff's correction (one UNet pass per step).
 
     Counted by PyTorch's FLOP counter (convolutions, matrix products, attention) on one image;
     a multiply-accumulate is two FLOPs. Normalisations and activations are not counted.
     """
     cfg = model.config
-    device = model.noise.device
+    device = next(model.parameters()).device
     x = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+    if getattr(cfg, "method", "diffusionad") == "decodiff":  # its correction: one UNet pass per step
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.unet(x, torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long,
+                                                                                       device=device))
+        unet = counter.get_total_flops() / 2e9
+        return {"unet_pass": unet, "pipeline": len(cfg.timesteps) * unet}
     was_training = model.training
     model.eval()  # a forward pass in training mode would move BatchNorm's running statistics
     with torch.no_grad():

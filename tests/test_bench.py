@@ -24,6 +24,7 @@ from diffad.benchmarks.speed import ModelSource, descendants, markdown_tables, p
 from diffad.evaluation.evaluate import pipeline, predict, reconstruction_method
 from diffad.export import exporter
 from diffad.models import checkpoint as ckpt
+from diffad.models.d3ad import D3ADConfig
 from diffad.models.presets import count_gmac
 from diffad.training.data import TestSample as Sample
 from diffad.training.data import read_image
@@ -504,7 +505,9 @@ def test_bench_speed_compares_d3ad_levels_on_a_run_with_held_out_images(category
     """The D3AD rows on a run: the per-image level's bins come from the run's held-out good images (never
     the test set), and the one-step row is the model's one-step forward."""
     run = tmp_path / "run"
-    ckpt.save_model(run / ckpt.MODEL_FILE, perturbed_tiny_model(channels=1))
+    model = perturbed_tiny_model(channels=1)
+    model.set_d3ad(D3ADConfig(steps=3))  # 3 guided DDIM steps (the paper's 10 take 3x longer to export)
+    ckpt.save_model(run / ckpt.MODEL_FILE, model)
     held_out = sorted((category / "train" / "good").glob("*.png"))[:4]
     (run / ckpt.CONFIG_FILE).write_text(json.dumps({"held_out_images": [str(p) for p in held_out]}))
     argv = ["bench", "speed", str(run), str(category), *FAST_SPEED, "--methods", "one-step,d3ad-fixed,d3ad",
@@ -513,7 +516,7 @@ def test_bench_speed_compares_d3ad_levels_on_a_run_with_held_out_images(category
     result = json.loads(capsys.readouterr().out)
     methods = {m["method"]: m for m in result["reconstruction"]["methods"]}
     assert list(methods) == ["one-step", "d3ad-fixed", "d3ad"]
-    assert [m["unet_passes_per_image"] for m in methods.values()] == [2, 10, 12]
+    assert [m["unet_passes_per_image"] for m in methods.values()] == [2, 3, 5]
     settings = result["reconstruction"]["d3ad"]
     assert settings["d3ad-fixed"]["mode"] == "fixed" and settings["d3ad"]["mode"] == "dynamic"
     assert len(settings["d3ad"]["bin_edges"]) == 11
@@ -526,3 +529,29 @@ def test_bench_speed_compares_d3ad_levels_on_a_run_with_held_out_images(category
     assert main(["bench", "speed", str(run), str(category), "--methods", "ddim,d3ad-fixed", "--no-service",
                  *FAST_SPEED]) == 2
     assert "must include one-step" in capsys.readouterr().err
+
+
+def test_bench_speed_times_a_decodiff_graph_against_a_diffusionad_one(bundle_dir, category, tmp_path, capsys):
+    from diffad.models.decodiff import DeCoDiff
+    from diffad.models.presets import decodiff_preset
+
+    run = tmp_path / "decodiff_run"
+    model = DeCoDiff(decodiff_preset("tiny", ("weave",), 32, 3))
+    with torch.no_grad():  # the zero-initialised last layer would make every map zero
+        for p in model.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    ckpt.save_model(run / ckpt.MODEL_FILE, model)
+    assert main(["bench", "speed", str(run), str(category), *FAST_SPEED, "--batch", "1", "2",
+                 "--against", str(bundle_dir), "--no-service"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"]["method"] == "decodiff" and result["model"]["category"] == "weave"
+    [row] = result["reconstruction"]["methods"]
+    assert row["method"] == "decodiff" and row["unet_passes_per_image"] == 5 and row["seconds_per_image"] > 0
+    against = result["backends"]["against"]
+    assert against["method"] == "diffusionad" and [r["batch"] for r in against["results"]] == [1, 2]
+    assert set(against["this_over_against_images_per_s"]) == {"1", "2"}
+    assert row["score_mean_good"] > 0, "a perturbed model maps something"
+    # the timed graph is the model's
+    assert all(d["map"] < 1e-4 for d in result["backends"]["max_abs_diff_onnxruntime_vs_torch"].values())
+    assert result["compute"]["gmac_per_image"]["pipeline"] == pytest.approx(
+        5 * result["compute"]["gmac_per_image"]["unet_pass"], rel=1e-3)
