@@ -47,6 +47,9 @@ SETTING = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")  # a setting label goes into 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("datasets", nargs="+", metavar="DATASET", help="MVTec-layout categories")
     p.add_argument("--preset", choices=("tiny", "small", "paper"), default="small", help="default small")
+    p.add_argument("--method", choices=("diffusionad", "decodiff"), default="diffusionad",
+                   help="diffusionad (default), or decodiff: one DeCo-Diff model per category, on the same budget "
+                   "(records named <dataset>_decodiff_<preset>..., a row of their own in the table)")
     p.add_argument("--image-size", type=int,
                    help="square input size (default: the preset's); the record's name then has _<size>px")
     p.add_argument("--setting", metavar="NAME",
@@ -110,6 +113,8 @@ def command_line(args) -> str:
     if getattr(args, "command", None):
         return args.command
     words = ["diffad", "bench", "quality", *args.datasets, "--preset", args.preset]
+    if getattr(args, "method", "diffusionad") != "diffusionad":
+        words += ["--method", args.method]
     if args.image_size is not None:
         words += ["--image-size", str(args.image_size)]
     if getattr(args, "setting", None):
@@ -185,7 +190,8 @@ def _table_key(record: dict) -> tuple:
     than seeds (no "group") are each their own row."""
     if "group" not in record:
         return ("record", record["name"])
-    return ("group", record["dataset"], record["preset"], record["training"]["image_size"], record.get("setting"))
+    return ("group", record["dataset"], record.get("method", "diffusionad"), record["preset"],
+            record["training"]["image_size"], record.get("setting"))
 
 
 def _groups(records: list[dict], key) -> dict:
@@ -236,6 +242,8 @@ def markdown_table(records: list[dict]) -> str:
     for rs in _groups(records, _table_key).values():
         r, n = rs[0], len(rs)
         preset = f"{r['preset']}, {r['training']['image_size']} px" + (f", {r['setting']}" if r.get("setting") else "")
+        if r.get("method", "diffusionad") != "diffusionad":
+            preset += f", {r['method']}"
         steps = statistics.fmean(x["training"]["steps"] for x in rs)
         minutes = statistics.fmean(x["training"]["train_seconds"] / 60 for x in rs)
         training = f"{steps:.0f} steps, {minutes:.1f} min" + (" (mean)" if n > 1 else "")
@@ -258,6 +266,8 @@ def defect_type_table(records: list[dict]) -> str:
     for rs in _groups(records, _table_key).values():
         r = rs[0]
         preset = f"{r['preset']}, {r['training']['image_size']} px" + (f", {r['setting']}" if r.get("setting") else "")
+        if r.get("method", "diffusionad") != "diffusionad":
+            preset += f", {r['method']}"
         for name, first in r["per_defect_type"].items():
             entries = [x["per_defect_type"][name] for x in rs if name in x["per_defect_type"]]
             cells = [_cell([e[k] for e in entries]) if all(k in e for e in entries) else "–"
@@ -311,7 +321,12 @@ def run(args) -> int:
     if setting is not None and not SETTING.fullmatch(setting):
         raise ValueError(f"--setting {setting!r}: a short label of letters, digits, '.' and '-' (it names files)")
     seeds = parse_seeds(args)
+    method = getattr(args, "method", "diffusionad")
+    if method == "decodiff" and args.d3ad:
+        raise ValueError("--d3ad evaluates DiffusionAD's reconstruction modes; leave it out with --method decodiff")
     variant = f"{args.preset}_{args.image_size}px" if args.image_size else args.preset
+    if method != "diffusionad":
+        variant = f"{method}_{variant}"
     if setting:
         variant += f"_{setting}"
     device = trainer.training_device(args.device)
@@ -367,12 +382,19 @@ def run(args) -> int:
             shutil.rmtree(run_dir)
         log.info("%s seed %d: training the %s preset for at most %g min%s into %s", name, seed, args.preset,
                  args.max_minutes, f" / {args.max_steps} steps" if args.max_steps else "", run_dir)
-        summary = trainer.train(dataset, run_dir, args.preset, image_size=args.image_size,
-                                 train_config=dataclasses.replace(cfg, seed=seed))
+        if method == "decodiff":
+            from ..training.decodiff import train_decodiff
+
+            summary = train_decodiff([dataset], run_dir, args.preset, args.image_size,
+                                     train_config=dataclasses.replace(cfg, seed=seed))
+        else:
+            summary = trainer.train(dataset, run_dir, args.preset, image_size=args.image_size,
+                                     train_config=dataclasses.replace(cfg, seed=seed))
         log.info("%s seed %d: evaluating on %s", name, seed, dataset / "test")
         evaluation = evaluate_run(run_dir, dataset, run_dir / "eval.json", args.batch_size)
         extra = {
             "group": group,
+            "method": method,
             "seed": seed,
             **({"setting": setting} if setting else {}),
             "run_dir": str(run_dir),

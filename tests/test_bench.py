@@ -25,6 +25,7 @@ from diffad.evaluation.evaluate import pipeline, predict, reconstruction_method
 from diffad.export import exporter
 from diffad.models import checkpoint as ckpt
 from diffad.models.d3ad import D3ADConfig
+from diffad.models.decodiff import DeCoDiff
 from diffad.models.presets import count_gmac
 from diffad.training.data import TestSample as Sample
 from diffad.training.data import read_image
@@ -555,3 +556,20 @@ def test_bench_speed_times_a_decodiff_graph_against_a_diffusionad_one(bundle_dir
     assert all(d["map"] < 1e-4 for d in result["backends"]["max_abs_diff_onnxruntime_vs_torch"].values())
     assert result["compute"]["gmac_per_image"]["pipeline"] == pytest.approx(
         5 * result["compute"]["gmac_per_image"]["unet_pass"], rel=1e-3)
+
+
+def test_bench_quality_trains_decodiff_per_category_into_a_row_of_its_own(category, tmp_path, capsys):
+    out_dir, runs_dir = tmp_path / "results", tmp_path / "runs"
+    args = ["bench", "quality", str(category), *QUALITY, "--out-dir", str(out_dir), "--runs-dir", str(runs_dir),
+            "--method", "decodiff"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    path = out_dir / "weave_decodiff_tiny_seed0.json"
+    record = json.loads(path.read_text())
+    assert printed["files"] == [str(path)] and record["method"] == "decodiff"
+    assert record["group"] == "weave_decodiff_tiny" and "--method decodiff" in record["command"]
+    assert set(record["metrics"]) == set(METRICS) and record["training"]["steps"] == 2
+    assert isinstance(ckpt.load_model(runs_dir / "weave_decodiff_tiny_seed0"), DeCoDiff)
+    assert "| `weave` | tiny, 32 px, decodiff | 1 | " in render_results_module().table(out_dir)
+    assert main([*args, "--d3ad"]) == 2
+    assert "--d3ad" in capsys.readouterr().err
