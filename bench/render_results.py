@@ -46,6 +46,8 @@ def table(results: Path = RESULTS) -> str:
     """The README's quality table from every results file with "metrics" (speed results have none), the
     seeds of one group aggregated into one row (diffad.benchmarks.quality.markdown_table)."""
     records = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))]
+    # quality records are named; a precision record (bench/precision.py) has "metrics" too, but no name
+    records = [r for r in records if "name" in r and "metrics" in r]
     defects = defect_type_table(records)
     return markdown_table(records) + (f"\n\nBy defect type (each against the good test images):\n\n{defects}"
                                       if defects else "")

@@ -198,13 +198,17 @@ def resolve_bundle_dir(path: str | Path) -> Path:
     return path
 
 
+def refuse_other_methods(bundle) -> None:
+    if bundle.method != "diffusionad":
+        raise TritonExportError(f"bundle {bundle.path} is a {bundle.method} bundle: its Triton export is not built "
+                                "yet; serve it with `diffad serve` (ONNX Runtime)")
+
+
 def export_model(bundle_dir: str | Path, repo: str | Path, options: TritonOptions = TritonOptions()) -> dict:
     """Add one bundle to the repository (a new version, or the one that already holds it); returns what
     was done."""
     bundle = load_bundle(bundle_dir)  # verified: a corrupted bundle must not reach a fleet
-    if bundle.method != "diffusionad":
-        raise TritonExportError(f"bundle {bundle.path} is a {bundle.method} bundle: its Triton export is not built "
-                                "yet; serve it with `diffad serve` (ONNX Runtime)")
+    refuse_other_methods(bundle)
     if not TRITON_NAME.fullmatch(bundle.name):
         raise TritonExportError(f"model name {bundle.name!r} is not a Triton model name (letters, digits, "
                                 "'_', '.', '-'): export the bundle again with --name")
@@ -240,6 +244,7 @@ def export_repository(bundle_dirs: list[str | Path], repo: str | Path,
     names: dict[str, Path] = {}
     for path in bundle_dirs:
         bundle = load_bundle(path, verify=False)
+        refuse_other_methods(bundle)  # before the repository is made: nothing is written
         if bundle.name in names:
             raise TritonExportError(f"two bundles are named {bundle.name!r} ({names[bundle.name]} and {path}): "
                                     "export one of them again with --name")

@@ -258,7 +258,8 @@ def test_what_decodiff_bundles_do_not_have_yet_is_refused_clearly(multi_run, mul
         bundle_plan(load_bundle(multi_bundle), "11.0", "fp16")
     with pytest.raises(TritonExportError, match="decodiff bundle"):
         export_model(multi_bundle, tmp_path / "repo")
-    assert not (tmp_path / "repo").exists()
+    assert main(["export-triton", str(multi_bundle), "--out", str(tmp_path / "repo")]) == 2
+    assert "decodiff bundle" in capsys.readouterr().err and not (tmp_path / "repo").exists()
     assert main(["export", str(multi_run), "--out", str(tmp_path / "b"), "--tensorrt"]) == 2
     assert "TensorRT" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
