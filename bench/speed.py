@@ -188,9 +188,7 @@ def compare_reconstructions(model, images: np.ndarray, masks: np.ndarray, labels
     The model's own reconstruction must be one-step (its forward is the one-step row)."""
     import torch
 
-    from ..evaluation.evaluate import pipeline, predict, reconstruction_method
-    from ..evaluation.metrics import compute_metrics
-    from .throughput import time_batches
+    from ..evaluation.evaluate import pipeline, reconstruction_method
 
     cfg = model.config
     if cfg.d3ad.mode != "off":
@@ -214,27 +212,8 @@ def compare_reconstructions(model, images: np.ndarray, masks: np.ndarray, labels
             batch = torch.from_numpy(np.ascontiguousarray(images[:n].transpose(0, 3, 1, 2)))
             model(batch)
             pipeline(model, batch, reconstruction_method(model, "ddim", 1))
-    rows = []
-    for name, spec, passes in methods:
-        reconstruct = reconstruction_method(model, *spec) if spec else None
-        outputs = []
-
-        def one_pass(name=name, reconstruct=reconstruct, outputs=outputs):  # the whole subset, progress once
-            outputs.append(predict(model, images, batch_size, desc=name, progress=not outputs,
-                                   reconstruct=reconstruct))
-
-        # once over the subset, repeated while under min_seconds (the fast methods); warmed up above
-        times = time_batches(one_pass, min_seconds, min_iterations=1, warmup=0)
-        maps, scores = outputs[0]
-        metrics = compute_metrics(labels, scores, masks, maps)
-        row = {"method": name, "unet_passes_per_image": passes, "repeats": len(times),
-               "seconds_per_image": sum(times) / (len(times) * len(images)),
-               **{k: round(float(metrics[k]), 4) for k in METRICS},
-               "score_mean_good": round(float(scores[labels == 0].mean()), 5),
-               "score_mean_defective": round(float(scores[labels == 1].mean()), 5)}
-        rows.append(row)
-        log.info("%s: %.4f s/image, image AUROC %.3f, pixel AUROC %.3f", name, row["seconds_per_image"],
-                 row["image_auroc"], row["pixel_auroc"])
+    rows = [timed_row(model, images, masks, labels, batch_size, min_seconds, name, passes,
+                      reconstruction_method(model, *spec) if spec else None) for name, spec, passes in methods]
     base = rows[0]["seconds_per_image"]
     for row in rows:
         row["slowdown_vs_one_step"] = round(row["seconds_per_image"] / base, 2)
@@ -252,33 +231,42 @@ def compare_reconstructions(model, images: np.ndarray, masks: np.ndarray, labels
     return out
 
 
+def timed_row(model, images: np.ndarray, masks: np.ndarray, labels: np.ndarray, batch_size: int,
+              min_seconds: float, name: str, passes: int, reconstruct=None) -> dict:
+    """One reconstruction's row: seconds per image (unrounded) over the whole subset, run once and repeated
+    while under min_seconds (the fast methods), and its detection metrics. The caller warms up first."""
+    from ..evaluation.evaluate import predict
+    from ..evaluation.metrics import compute_metrics
+    from .throughput import time_batches
+
+    outputs = []
+
+    def one_pass():  # the whole subset, its progress bar once
+        outputs.append(predict(model, images, batch_size, desc=name, progress=not outputs, reconstruct=reconstruct))
+
+    times = time_batches(one_pass, min_seconds, min_iterations=1, warmup=0)
+    maps, scores = outputs[0]
+    metrics = compute_metrics(labels, scores, masks, maps)
+    row = {"method": name, "unet_passes_per_image": passes, "repeats": len(times),
+           "seconds_per_image": sum(times) / (len(times) * len(images)),
+           **{k: round(float(metrics[k]), 4) for k in METRICS},
+           "score_mean_good": round(float(scores[labels == 0].mean()), 5),
+           "score_mean_defective": round(float(scores[labels == 1].mean()), 5)}
+    log.info("%s: %.4f s/image, image AUROC %.3f, pixel AUROC %.3f", name, row["seconds_per_image"],
+             row["image_auroc"], row["pixel_auroc"])
+    return row
+
+
 def time_decodiff(model, images: np.ndarray, masks: np.ndarray, labels: np.ndarray, batch_size: int,
                   min_seconds: float) -> dict:
     """DeCo-Diff's one row: its correction (the model's forward, for its category), timed and scored."""
     import torch
 
-    from ..evaluation.evaluate import predict
-    from ..evaluation.metrics import compute_metrics
-    from .throughput import time_batches
-
     with torch.inference_mode():  # warm-up at the full and the last batch's shapes
         for n in sorted({min(batch_size, len(images)), len(images) % batch_size} - {0}):
             model(torch.from_numpy(np.ascontiguousarray(images[:n].transpose(0, 3, 1, 2))))
-    outputs = []
-
-    def one_pass():
-        outputs.append(predict(model, images, batch_size, desc="decodiff", progress=not outputs))
-
-    times = time_batches(one_pass, min_seconds, min_iterations=1, warmup=0)
-    maps, scores = outputs[0]
-    metrics = compute_metrics(labels, scores, masks, maps)
-    row = {"method": "decodiff", "unet_passes_per_image": len(model.config.timesteps), "repeats": len(times),
-           "seconds_per_image": round(sum(times) / (len(times) * len(images)), 6),
-           **{k: round(float(metrics[k]), 4) for k in METRICS},
-           "score_mean_good": round(float(scores[labels == 0].mean()), 5),
-           "score_mean_defective": round(float(scores[labels == 1].mean()), 5)}
-    log.info("decodiff: %.4f s/image, image AUROC %.3f, pixel AUROC %.3f", row["seconds_per_image"],
-             row["image_auroc"], row["pixel_auroc"])
+    row = timed_row(model, images, masks, labels, batch_size, min_seconds, "decodiff", len(model.config.timesteps))
+    row["seconds_per_image"] = round(row["seconds_per_image"], 6)
     return {"batch_size": batch_size, "category": model.config.categories[model.category],
             "timesteps": model.config.timesteps,
             "note": "DeCo-Diff: the clean image taken as the state at step 8, corrected in deterministic steps "
@@ -288,13 +276,10 @@ def time_decodiff(model, images: np.ndarray, masks: np.ndarray, labels: np.ndarr
 
 def decodiff_view(model, bundle, data_dir: str | Path):
     """A DeCo-Diff model set to DATA_DIR's category, and the bundle's model (graph) for that category."""
-    category = Path(data_dir).resolve().name
-    if len(model.config.categories) == 1:
-        category = model.config.categories[0]
-    elif category not in model.config.categories:
-        raise ValueError(f"{data_dir}: this DeCo-Diff model knows the categories "
-                         f"{', '.join(model.config.categories)}; DATA_DIR's folder name must be one of them")
-    model.set_category(category)
+    categories = model.config.categories
+    # several: the folder's name says which, as `diffad evaluate` reads it (set_category names the known ones)
+    model.set_category(categories[0] if len(categories) == 1 else Path(data_dir).resolve().name)
+    category = categories[model.category]
     view = next((b for b in bundle.models() if b.category in (category, None)), bundle)
     return model, view
 
@@ -492,9 +477,9 @@ def run(args) -> int:
     command = getattr(args, "command", None) or shlex.join(["diffad", "bench", "speed", args.model, args.data_dir])
     from ..models.decodiff import DeCoDiff
 
-    source = ModelSource(args.model)
-    against = ModelSource(args.against) if args.against else None
+    source, against = ModelSource(args.model), None
     try:
+        against = ModelSource(args.against) if args.against else None  # inside: a failure still cleans up
         model, bundle = source.model.eval(), source.bundle
         decodiff = isinstance(model, DeCoDiff)
         if decodiff:

@@ -198,9 +198,8 @@ class DeCoDiff(nn.Module):
     def correct(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """The deterministic correction of x (normalised) from start_step down to 0."""
         steps = self.config.timesteps
-        x_t = x
+        x_t, dtype = x, self.unet.conv_in.weight.dtype  # the UNet's (set_network_dtype); the update in fp32
         for t, t_prev in zip(steps, steps[1:] + [-1], strict=True):
-            dtype = self.unet.conv_in.weight.dtype
             d = self.unet(x_t.to(dtype), torch.full((x.shape[0],), t, device=x.device), classes).float()
             x0 = x_t - (1 - self.alpha_bar[t]).sqrt() * d
             x_t = x0 + (1 - self.alpha_bar[t_prev]).sqrt() * d if t_prev >= 0 else x0

@@ -231,10 +231,10 @@ class ModelRegistry:
             previous = model.bundle
             try:
                 folder = resolve_bundle_dir(model.source or previous.path)
-                loaded = await loop.run_in_executor(None, load_bundle, folder)
-                bundle = next((b for b in loaded.models() if b.name == name), None)
+                loaded = (await loop.run_in_executor(None, load_bundle, folder)).models()
+                bundle = next((b for b in loaded if b.name == name), None)
                 if bundle is None:
-                    held = ", ".join(repr(b.name) for b in loaded.models())
+                    held = ", ".join(repr(b.name) for b in loaded)
                     raise BundleError(f"{previous.path} now holds model {held}: a reload keeps the model's "
                                       "name (serve another model with a restart)")
                 if bundle.input != previous.input:
