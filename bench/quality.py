@@ -16,6 +16,13 @@ table) on stdout; progress goes to stderr.
 
     diffad bench quality ../shared/datasets/dagm_class1 ../shared/datasets/magnetic_tile --max-minutes 30 \
         --seeds 0,1,2
+
+With --method decodiff --multi-class, each seed trains ONE model on the union of every DATASET's good images
+(the category as its condition; one input size, and 3 channels if any category is in colour) into
+RUNS_DIR/decodiff_multiclass_<preset>_<datasets>_seed<S>, evaluates it on each category's test set, and
+writes one record per category, <dataset>_decodiff_multiclass_<preset>_seed<S>.json. The budget is the one
+model's: for the same total time as per-category runs, give it their budget times the number of categories.
+A seed whose records all exist is skipped.
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("diffusionad", "decodiff"), default="diffusionad",
                    help="diffusionad (default), or decodiff: one DeCo-Diff model per category, on the same budget "
                    "(records named <dataset>_decodiff_<preset>..., a row of their own in the table)")
+    p.add_argument("--multi-class", action="store_true",
+                   help="with --method decodiff: one model per seed for all DATASETs together (the budget is the "
+                   "one model's), evaluated on each; records <dataset>_decodiff_multiclass_<preset>...")
     p.add_argument("--image-size", type=int,
                    help="square input size (default: the preset's); the record's name then has _<size>px")
     p.add_argument("--setting", metavar="NAME",
@@ -78,7 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema-decay", type=float, default=0.995, help="as in diffad train (default 0.995; 0: off)")
     p.add_argument("--focal-gamma", type=float, help="as in diffad train (default: TrainConfig's)")
     p.add_argument("--workers", type=int, default=1, help="data-loading worker processes (default 1)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the networks train")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda[:N]: where the networks train and are evaluated (in fp32)")
     p.add_argument("--d3ad", action="store_true",
                    help="also evaluate each trained model in D3AD's two modes (a fixed and a per-image noise level, "
                    "no retraining; the bins and threshold from its held-out good images): the record's `d3ad`")
@@ -115,6 +126,8 @@ def command_line(args) -> str:
     words = ["diffad", "bench", "quality", *args.datasets, "--preset", args.preset]
     if getattr(args, "method", "diffusionad") != "diffusionad":
         words += ["--method", args.method]
+    if getattr(args, "multi_class", False):
+        words += ["--multi-class"]
     if args.image_size is not None:
         words += ["--image-size", str(args.image_size)]
     if getattr(args, "setting", None):
@@ -191,7 +204,7 @@ def _table_key(record: dict) -> tuple:
     if "group" not in record:
         return ("record", record["name"])
     return ("group", record["dataset"], record.get("method", "diffusionad"), record["preset"],
-            record["training"]["image_size"], record.get("setting"))
+            record["training"]["image_size"], record.get("setting"), tuple(record.get("multi_class") or ()))
 
 
 def _groups(records: list[dict], key) -> dict:
@@ -228,6 +241,14 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
+def method_label(record: dict) -> str:
+    """", decodiff" for a DeCo-Diff record, ", decodiff, one model for 3 categories" for a multi-class one."""
+    label = "" if record.get("method", "diffusionad") == "diffusionad" else f", {record['method']}"
+    if record.get("multi_class"):
+        label += f", one model for {len(record['multi_class'])} categories"
+    return label
+
+
 def markdown_table(records: list[dict]) -> str:
     """The README's results table for quality records (files with "metrics"); other records are skipped.
 
@@ -242,8 +263,7 @@ def markdown_table(records: list[dict]) -> str:
     for rs in _groups(records, _table_key).values():
         r, n = rs[0], len(rs)
         preset = f"{r['preset']}, {r['training']['image_size']} px" + (f", {r['setting']}" if r.get("setting") else "")
-        if r.get("method", "diffusionad") != "diffusionad":
-            preset += f", {r['method']}"
+        preset += method_label(r)
         steps = statistics.fmean(x["training"]["steps"] for x in rs)
         minutes = statistics.fmean(x["training"]["train_seconds"] / 60 for x in rs)
         training = f"{steps:.0f} steps, {minutes:.1f} min" + (" (mean)" if n > 1 else "")
@@ -266,8 +286,7 @@ def defect_type_table(records: list[dict]) -> str:
     for rs in _groups(records, _table_key).values():
         r = rs[0]
         preset = f"{r['preset']}, {r['training']['image_size']} px" + (f", {r['setting']}" if r.get("setting") else "")
-        if r.get("method", "diffusionad") != "diffusionad":
-            preset += f", {r['method']}"
+        preset += method_label(r)
         for name, first in r["per_defect_type"].items():
             entries = [x["per_defect_type"][name] for x in rs if name in x["per_defect_type"]]
             cells = [_cell([e[k] for e in entries]) if all(k in e for e in entries) else "–"
@@ -310,7 +329,7 @@ def run(args) -> int:
     from ..evaluation.d3ad import evaluate_d3ad_modes
     from ..evaluation.evaluate import evaluate_run
     from ..training import trainer
-    from ..training.data import find_test_samples
+    from ..training.data import detect_channels, find_test_samples, find_train_images
     from ..training.synthesis import SynthesisConfig, parse_perlin_scales, parse_sources
     from .throughput import emit, machine
 
@@ -322,11 +341,15 @@ def run(args) -> int:
         raise ValueError(f"--setting {setting!r}: a short label of letters, digits, '.' and '-' (it names files)")
     seeds = parse_seeds(args)
     method = getattr(args, "method", "diffusionad")
+    multi_class = getattr(args, "multi_class", False)
     if method == "decodiff" and args.d3ad:
         raise ValueError("--d3ad evaluates DiffusionAD's reconstruction modes; leave it out with --method decodiff")
+    if multi_class and (method != "decodiff" or len(args.datasets) < 2):
+        raise ValueError("--multi-class trains one DeCo-Diff model for several categories: it needs --method "
+                         "decodiff and at least two DATASETs")
     variant = f"{args.preset}_{args.image_size}px" if args.image_size else args.preset
     if method != "diffusionad":
-        variant = f"{method}_{variant}"
+        variant = f"{method}_{'multiclass_' if multi_class else ''}{variant}"
     if setting:
         variant += f"_{setting}"
     device = trainer.training_device(args.device)
@@ -335,15 +358,28 @@ def run(args) -> int:
     names = [d.resolve().name for d in datasets]
     if len(set(names)) != len(names):
         raise ValueError(f"two datasets share a folder name ({', '.join(names)}): their records would collide")
-    plans = []
-    for dataset, name in zip(datasets, names, strict=True):  # every problem reported before hours of training
+    for dataset in datasets:  # every problem reported before hours of training
         find_test_samples(dataset)  # an MVTec-layout category with a labelled test set (DataError otherwise)
-        group = f"{name}_{variant}"
-        for seed in seeds:
-            run_name = f"{group}_seed{seed}"
-            result = out_dir / f"{run_name}.json"
-            existing = None if args.overwrite or not result.exists() else _read_result(result)
-            plans.append((dataset, name, group, seed, runs_dir / run_name, result, existing))
+
+    def member(dataset: Path, name: str, seed: int) -> tuple:
+        """One category of a run: (dataset, name, group, its result file, its existing record or None)."""
+        result = out_dir / f"{name}_{variant}_seed{seed}.json"
+        existing = None if args.overwrite or not result.exists() else _read_result(result)
+        return dataset, name, f"{name}_{variant}", result, existing
+
+    # A job is one training run: one category's, or with --multi-class every category's at once.
+    jobs = []
+    for seed in seeds:
+        if multi_class:
+            jobs.append((seed, runs_dir / f"{variant}_{'+'.join(names)}_seed{seed}",
+                         [member(d, n, seed) for d, n in zip(datasets, names, strict=True)]))
+        else:
+            jobs += [(seed, runs_dir / f"{n}_{variant}_seed{seed}", [member(d, n, seed)])
+                     for d, n in zip(datasets, names, strict=True)]
+    jobs.sort(key=lambda job: [m[1] for m in job[2]])  # category by category, seeds in order
+    channels = None
+    if multi_class:  # one input for every category: colour if any category is in colour
+        channels = max(detect_channels(find_train_images(d)) for d in datasets)
 
     command = command_line(args)
     details = machine()
@@ -362,59 +398,68 @@ def run(args) -> int:
               "crops_per_image": crops_per_image, "ema_decay": args.ema_decay,
               "focal_gamma": cfg.focal_gamma}
     records, files, skipped = [], [], []
-    for dataset, name, group, seed, run_dir, result, existing in plans:
-        if existing is not None:
-            log.info("%s seed %d: skipping, result exists: %s", name, seed, result)
-            if existing.get("budget") != budget:
-                log.warning("%s seed %d: %s was made with another budget (%s); pass --overwrite to train it "
-                            "again with this one", name, seed, result, existing.get("budget"))
-            records.append(existing)
-            files.append(str(result))
-            skipped.append(str(result))
+    for seed, run_dir, members in jobs:
+        label = "+".join(m[1] for m in members)
+        if all(existing is not None for *_, existing in members):
+            for _, name, _, result, existing in members:
+                log.info("%s seed %d: skipping, result exists: %s", name, seed, result)
+                if existing.get("budget") != budget:
+                    log.warning("%s seed %d: %s was made with another budget (%s); pass --overwrite to train it "
+                                "again with this one", name, seed, result, existing.get("budget"))
+                records.append(existing)
+                files.append(str(result))
+                skipped.append(str(result))
             continue
-        if result.exists():  # --overwrite: the old result goes first, so that it never outlives its run
-            log.info("%s seed %d: --overwrite: removing %s and training the run again", name, seed, result)
-            result.unlink()
-        elif run_dir.exists():
-            log.info("%s seed %d: %s has no result file (an interrupted run): removing it, training it again "
-                     "from scratch", name, seed, run_dir)
+        for _, name, _, result, _ in members:
+            if result.exists():  # --overwrite, or a multi-class run short of a category: the old result goes first
+                log.info("%s seed %d: removing %s and training the run again", name, seed, result)
+                result.unlink()
         if run_dir.exists():
+            log.info("%s seed %d: %s has no result file (an interrupted run): removing it, training it again "
+                     "from scratch", label, seed, run_dir)
             shutil.rmtree(run_dir)
-        log.info("%s seed %d: training the %s preset for at most %g min%s into %s", name, seed, args.preset,
+        log.info("%s seed %d: training the %s preset for at most %g min%s into %s", label, seed, args.preset,
                  args.max_minutes, f" / {args.max_steps} steps" if args.max_steps else "", run_dir)
+        train_config = dataclasses.replace(cfg, seed=seed)
         if method == "decodiff":
             from ..training.decodiff import train_decodiff
 
-            summary = train_decodiff([dataset], run_dir, args.preset, args.image_size,
-                                     train_config=dataclasses.replace(cfg, seed=seed))
+            summary = train_decodiff([m[0] for m in members], run_dir, args.preset, args.image_size, channels,
+                                     train_config=train_config)
         else:
-            summary = trainer.train(dataset, run_dir, args.preset, image_size=args.image_size,
-                                     train_config=dataclasses.replace(cfg, seed=seed))
-        log.info("%s seed %d: evaluating on %s", name, seed, dataset / "test")
-        evaluation = evaluate_run(run_dir, dataset, run_dir / "eval.json", args.batch_size)
-        extra = {
-            "group": group,
-            "method": method,
-            "seed": seed,
-            **({"setting": setting} if setting else {}),
-            "run_dir": str(run_dir),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": command,
-            "machine_details": details,
-            "onnxruntime": details.get("onnxruntime"),
-            "budget": budget,
-            "anomaly_sources": list(cfg.synthesis.sources),
-            "perlin_scales_log2": [cfg.synthesis.min_scale_log2, cfg.synthesis.max_scale_log2],
-        }
-        if args.d3ad:
-            log.info("%s seed %d: evaluating D3AD's modes on the same model", name, seed)
-            extra["d3ad"] = evaluate_d3ad_modes(run_dir, dataset, args.batch_size)
-        record = quality_record(f"{group}_seed{seed}", summary, evaluation, args.note, extra=extra)
-        write_atomically(result, json.dumps(record, indent=2) + "\n")  # last: the run is finished
-        log.info("%s seed %d: %s; written to %s", name, seed,
-                 ", ".join(f"{k} {record['metrics'][k]:.3f}" for k in METRICS), result)
-        records.append(record)
-        files.append(str(result))
+            summary = trainer.train(members[0][0], run_dir, args.preset, image_size=args.image_size,
+                                    train_config=train_config)
+        finished = []
+        for dataset, name, group, result, _ in members:
+            log.info("%s seed %d: evaluating on %s", name, seed, dataset / "test")
+            evaluation = evaluate_run(run_dir, dataset, run_dir / (f"eval.{name}.json" if multi_class else
+                                                                   "eval.json"), args.batch_size, device=device)
+            extra = {
+                "group": group,
+                "method": method,
+                **({"multi_class": names} if multi_class else {}),
+                "seed": seed,
+                **({"setting": setting} if setting else {}),
+                "run_dir": str(run_dir),
+                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "command": command,
+                "machine_details": details,
+                "onnxruntime": details.get("onnxruntime"),
+                "budget": budget,
+                "anomaly_sources": list(cfg.synthesis.sources),
+                "perlin_scales_log2": [cfg.synthesis.min_scale_log2, cfg.synthesis.max_scale_log2],
+            }
+            if args.d3ad:
+                log.info("%s seed %d: evaluating D3AD's modes on the same model", name, seed)
+                extra["d3ad"] = evaluate_d3ad_modes(run_dir, dataset, args.batch_size, device=device)
+            finished.append((name, result, quality_record(f"{group}_seed{seed}", summary, evaluation, args.note,
+                                                          extra=extra)))
+        for name, result, record in finished:  # last: the run is finished
+            write_atomically(result, json.dumps(record, indent=2) + "\n")
+            log.info("%s seed %d: %s; written to %s", name, seed,
+                     ", ".join(f"{k} {record['metrics'][k]:.3f}" for k in METRICS), result)
+            records.append(record)
+            files.append(str(result))
 
     table = markdown_table(records)
     out = {"benchmark": "quality", "command": command, "files": files, "skipped": skipped, "results": records,

@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--calibration", choices=("auto", "f1", "quantile", "none"), default="auto")
     p.add_argument("--quantile", type=float, default=0.99, help="for quantile calibration (default 0.99)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the model runs (in fp32)")
 
     p = verbs.add_parser("export", help="write a model bundle (ONNX graph, optional TensorRT engine) from a run",
                          description=EXPORT_DESCRIPTION, epilog=EXPORT_EPILOG,
@@ -416,10 +417,10 @@ def _evaluate(args) -> int:
         from .evaluation.evaluate import evaluate_categories
 
         result = evaluate_categories(args.model, args.data_dir, args.json, args.batch_size, args.calibration,
-                                     args.quantile)
+                                     args.quantile, device=args.device)
     else:
         result = evaluate_run(args.model, args.data_dir[0], args.json, args.batch_size, args.calibration,
-                              args.quantile)
+                              args.quantile, device=args.device)
     print(json.dumps(result, indent=2))
     return 0
 

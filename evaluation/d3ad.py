@@ -82,14 +82,14 @@ def read_good_images(paths: list[Path], model: DiffusionAD) -> np.ndarray:
 
 
 def evaluate_d3ad_modes(run_dir: str | Path, data_dir: str | Path, batch_size: int = 8,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, device: str = "cpu") -> dict:
     """The run's model on data_dir's test set in D3AD's two modes, on the same weights as its one-step
     evaluation: {"d3ad-fixed": {...}, "d3ad": {...}}, each the test metrics, images/s and the settings
-    (the per-image level's bins and the threshold from the run's held-out good images)."""
+    (the per-image level's bins and the threshold from the run's held-out good images); fp32 on `device`."""
     from .evaluate import read_test_set
     from .metrics import compute_metrics
 
-    model = ckpt.load_model(run_dir)
+    model = ckpt.load_model(run_dir).to(device)
     good = read_good_images(good_images_for(run_dir), model)
     test = read_test_set(data_dir, model.config.image_size, model.config.in_channels, progress)  # once for both
     out = {}

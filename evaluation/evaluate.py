@@ -176,10 +176,11 @@ def evaluate(model: DiffusionAD, data_dir: str | Path, batch_size: int = 8, cali
 
 def evaluate_run(path: str | Path, data_dir: str | Path, json_path: str | Path | None = None,
                  batch_size: int = 8, calibration: str = "auto", quantile: float = 0.99,
-                 progress: bool = True) -> dict:
-    """Evaluate a run folder (or model file), store its calibration beside it, write the JSON."""
+                 progress: bool = True, device: str = "cpu") -> dict:
+    """Evaluate a run folder (or model file) in fp32 on `device`, store its calibration beside it, write the
+    JSON."""
     path = Path(path)
-    model = ckpt.load_model(path)
+    model = ckpt.load_model(path).to(device)
     run_dir = path if path.is_dir() else path.parent
     run_config = json.loads((run_dir / ckpt.CONFIG_FILE).read_text()) if (run_dir / ckpt.CONFIG_FILE).is_file() else {}
     held_out, calibration_file = run_config.get("held_out_images"), CALIBRATION_FILE
@@ -211,9 +212,10 @@ SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "ima
 
 def evaluate_categories(path: str | Path, data_dirs: list[str | Path], json_path: str | Path | None = None,
                         batch_size: int = 8, calibration: str = "auto", quantile: float = 0.99,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, device: str = "cpu") -> dict:
     """A multi-category model on each category's test set (evaluate_run each), and the metrics' mean."""
-    per_category = {Path(d).resolve().name: evaluate_run(path, d, None, batch_size, calibration, quantile, progress)
+    per_category = {Path(d).resolve().name: evaluate_run(path, d, None, batch_size, calibration, quantile, progress,
+                                                         device)
                     for d in data_dirs}
     mean = {k: float(np.mean([r[k] for r in per_category.values()])) for k in SUMMARY_METRICS
             if all(k in r for r in per_category.values())}

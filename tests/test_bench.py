@@ -573,3 +573,37 @@ def test_bench_quality_trains_decodiff_per_category_into_a_row_of_its_own(catego
     assert "| `weave` | tiny, 32 px, decodiff | 1 | " in render_results_module().table(out_dir)
     assert main([*args, "--d3ad"]) == 2
     assert "--d3ad" in capsys.readouterr().err
+
+
+def test_bench_quality_multi_class_trains_one_decodiff_model_for_all_categories(category, tmp_path, capsys):
+    """--multi-class: one model per seed for every DATASET (in colour, since one of them is), one record per
+    category with the model's categories; a rerun skips it; a per-category run's options are refused."""
+    colour = make_category(tmp_path / "data" / "knit", size=32, channels=3, num_train=8, num_test_good=5,
+                           num_test_defect=2, seed=3)
+    out_dir, runs_dir = tmp_path / "results", tmp_path / "runs"
+    args = ["bench", "quality", str(category), str(colour), *QUALITY, "--out-dir", str(out_dir),
+            "--runs-dir", str(runs_dir), "--method", "decodiff", "--multi-class"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    paths = [out_dir / f"{name}_decodiff_multiclass_tiny_seed0.json" for name in ("weave", "knit")]
+    assert printed["files"] == [str(p) for p in paths] and printed["skipped"] == []
+    records = [json.loads(p.read_text()) for p in paths]
+    assert [r["dataset"] for r in records] == ["weave", "knit"]
+    assert all(r["multi_class"] == ["weave", "knit"] and r["training"]["steps"] == 2 for r in records)
+    assert records[0]["run_dir"] == records[1]["run_dir"], "one model for both"
+    model = ckpt.load_model(records[0]["run_dir"])
+    assert isinstance(model, DeCoDiff) and model.config.categories == ("weave", "knit")
+    assert model.config.in_channels == 3, "the grey category is read in colour, as the colour one"
+    assert {r["metrics"]["image_auroc"] for r in records} != {None}
+    table = render_results_module().table(out_dir)
+    assert "| `weave` | tiny, 32 px, decodiff, one model for 2 categories | 1 | " in table
+    assert "| `knit` | tiny, 32 px, decodiff, one model for 2 categories | 1 | " in table
+
+    assert main(args) == 0  # finished: skipped, records reused
+    assert json.loads(capsys.readouterr().out)["skipped"] == [str(p) for p in paths]
+    assert main([*args[:-1]]) == 0, "without --multi-class: per-category records of their own"
+    assert all((out_dir / f"{name}_decodiff_tiny_seed0.json").is_file() for name in ("weave", "knit"))
+    capsys.readouterr()
+    assert main(["bench", "quality", str(category), *QUALITY, "--method", "decodiff", "--multi-class"]) == 2
+    assert main(["bench", "quality", str(category), str(colour), *QUALITY, "--multi-class"]) == 2
+    assert "--multi-class" in capsys.readouterr().err
