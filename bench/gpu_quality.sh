@@ -97,8 +97,9 @@ while :; do
         break
     fi
     while [ "${#running[@]}" -lt "$concurrency" ] && [ "$next" -lt "${#names[@]}" ]; do
-        eval "${commands[$next]} --json $work/results/${names[$next]}.summary.json" \
-            > /dev/null 2> "$work/logs/${names[$next]}.log" &
+        # the & inside eval: $! is then the python process itself, which the deadline can stop
+        eval "${commands[$next]} --json $work/results/${names[$next]}.summary.json > /dev/null \
+            2> $work/logs/${names[$next]}.log &"
         running[$!]=$next; log "${names[$next]} started"; next=$((next + 1))
     done
     [ "${#running[@]}" = 0 ] && break
