@@ -241,9 +241,14 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
-def method_label(record: dict) -> str:
-    """", decodiff" for a DeCo-Diff record, ", decodiff, one model for 3 categories" for a multi-class one."""
-    label = "" if record.get("method", "diffusionad") == "diffusionad" else f", {record['method']}"
+def row_label(record: dict) -> str:
+    """A table row's "preset, input" cell: "small, 128 px", then the setting, the method if not DiffusionAD,
+    and "one model for N categories" for a multi-class record."""
+    label = f"{record['preset']}, {record['training']['image_size']} px"
+    if record.get("setting"):
+        label += f", {record['setting']}"
+    if record.get("method", "diffusionad") != "diffusionad":
+        label += f", {record['method']}"
     if record.get("multi_class"):
         label += f", one model for {len(record['multi_class'])} categories"
     return label
@@ -262,8 +267,7 @@ def markdown_table(records: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for rs in _groups(records, _table_key).values():
         r, n = rs[0], len(rs)
-        preset = f"{r['preset']}, {r['training']['image_size']} px" + (f", {r['setting']}" if r.get("setting") else "")
-        preset += method_label(r)
+        preset = row_label(r)
         steps = statistics.fmean(x["training"]["steps"] for x in rs)
         minutes = statistics.fmean(x["training"]["train_seconds"] / 60 for x in rs)
         training = f"{steps:.0f} steps, {minutes:.1f} min" + (" (mean)" if n > 1 else "")
@@ -285,8 +289,7 @@ def defect_type_table(records: list[dict]) -> str:
              "| pixel AP |", "|---|---|---|---|---|---|---|---|---|"]
     for rs in _groups(records, _table_key).values():
         r = rs[0]
-        preset = f"{r['preset']}, {r['training']['image_size']} px" + (f", {r['setting']}" if r.get("setting") else "")
-        preset += method_label(r)
+        preset = row_label(r)
         for name, first in r["per_defect_type"].items():
             entries = [x["per_defect_type"][name] for x in rs if name in x["per_defect_type"]]
             cells = [_cell([e[k] for e in entries]) if all(k in e for e in entries) else "–"
@@ -329,7 +332,7 @@ def run(args) -> int:
     from ..evaluation.d3ad import evaluate_d3ad_modes
     from ..evaluation.evaluate import evaluate_run
     from ..training import trainer
-    from ..training.data import detect_channels, find_test_samples, find_train_images
+    from ..training.data import find_test_samples
     from ..training.synthesis import SynthesisConfig, parse_perlin_scales, parse_sources
     from .throughput import emit, machine
 
@@ -377,9 +380,6 @@ def run(args) -> int:
             jobs += [(seed, runs_dir / f"{n}_{variant}_seed{seed}", [member(d, n, seed)])
                      for d, n in zip(datasets, names, strict=True)]
     jobs.sort(key=lambda job: [m[1] for m in job[2]])  # category by category, seeds in order
-    channels = None
-    if multi_class:  # one input for every category: colour if any category is in colour
-        channels = max(detect_channels(find_train_images(d)) for d in datasets)
 
     command = command_line(args)
     details = machine()
@@ -424,7 +424,7 @@ def run(args) -> int:
         if method == "decodiff":
             from ..training.decodiff import train_decodiff
 
-            summary = train_decodiff([m[0] for m in members], run_dir, args.preset, args.image_size, channels,
+            summary = train_decodiff([m[0] for m in members], run_dir, args.preset, args.image_size,
                                      train_config=train_config)
         else:
             summary = trainer.train(members[0][0], run_dir, args.preset, image_size=args.image_size,

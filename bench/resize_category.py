@@ -36,10 +36,10 @@ def resize_category(data_dir: Path, out_root: Path, size: int) -> Path:
     out = out_root / data_dir.resolve().name
     train = find_train_images(data_dir)
     channels = detect_channels(train)
-    images = train + find_validation_images(data_dir) + [s.path for s in find_test_samples(data_dir)]
-    for path in images:
+    test = find_test_samples(data_dir)
+    for path in train + find_validation_images(data_dir) + [s.path for s in test]:
         save(read_image(path, size, channels), (out / path.relative_to(data_dir)).with_suffix(".png"))
-    for sample in find_test_samples(data_dir):
+    for sample in test:
         if sample.mask_path is not None:
             save(read_mask(sample.mask_path, size)[:, :, None], out / sample.mask_path.relative_to(data_dir))
     return out

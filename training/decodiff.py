@@ -32,6 +32,7 @@ from ..evaluation.evaluate import predict
 from ..models import checkpoint as ckpt
 from ..models.decodiff import DeCoDiff, DeCoDiffConfig, corrupt
 from ..models.presets import count_parameters, decodiff_preset
+from .data import detect_channels, find_train_images
 from .synthesis import AnomalySynthesizer, SynthesisConfig
 from .trainer import (
     BEST_FILE,
@@ -95,6 +96,8 @@ def train_decodiff(data_dirs: list[str | Path], run_dir: str | Path, preset_name
     size = image_size or decodiff_preset(preset_name, names).image_size
     synthesis = cfg.synthesis  # for the validation sets' anomalies only
 
+    if channels is None:  # one input for every category: colour if any category is in colour
+        channels = max(detect_channels(find_train_images(d)) for d in data_dirs)
     images, classes, vsets, held = [], [], {}, {}
     for index, (name, data_dir) in enumerate(zip(names, data_dirs, strict=True)):
         paths, ims, fgs, channels = load_training_images(data_dir, size, channels, synthesis.foreground)
