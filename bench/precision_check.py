@@ -21,6 +21,8 @@ from diffad.benchmarks.throughput import emit, machine
 from diffad.models import checkpoint as ckpt
 from diffad.training.trainer import run_validation_set, validate
 
+from diffad.hardware import cpu_computes_bf16
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +51,7 @@ def main() -> None:
            "map_max_abs_difference": float((map16 - map32).abs().max()),
            "map_relative_rms_difference": rms(map16, map32),
            "validation_fp32": fp32, "validation_bf16": bf16,
-           "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "machine": machine()}
+           "native_bf16": cpu_computes_bf16(), "machine": machine()}
     emit({"command": shlex.join(["python", *sys.argv]), **out}, args.json)
 
 

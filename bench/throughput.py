@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..hardware import cpu_computes_bf16, cpu_flags
+
 Runner = Callable[[np.ndarray], object]
 
 
@@ -229,8 +231,7 @@ def machine() -> dict:
         names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         if names:
             info["cpu"] = names[0]
-        flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
-        info["cpu_flags"] = sorted(flags & RELEVANT_CPU_FLAGS)  # what decides bf16 and vector speed
+        info["cpu_flags"] = sorted(cpu_flags() & RELEVANT_CPU_FLAGS)  # what decides bf16 and vector speed
     except OSError:
         pass
     for module in ("torch", "onnxruntime", "numpy"):
@@ -241,7 +242,7 @@ def machine() -> dict:
     try:
         import torch
 
-        info["native_bf16_cpu"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        info["native_bf16_cpu"] = cpu_computes_bf16()
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             info["gpu"] = props.name

@@ -248,6 +248,7 @@ class TorchBackend(Backend):
         try:
             import torch
 
+            from ..hardware import cpu_computes_bf16
             from ..models.checkpoint import load_model
         except ImportError as e:
             raise BackendUnavailable(f"the torch backend needs PyTorch ({e}); install diffad[train] or use "
@@ -264,7 +265,7 @@ class TorchBackend(Backend):
         else:
             self.device = "cpu"
         kind = self.device.split(":")[0]
-        native_bf16 = kind == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        native_bf16 = kind == "cpu" and cpu_computes_bf16()
         self.precision = torch_precision(precision, kind, native_bf16)
         model = load_model(bundle.path / WEIGHTS_FILE).to(self.device).eval()
         if bundle.category is not None:  # one model per category of a multi-category DeCo-Diff bundle

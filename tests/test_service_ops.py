@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from test_service import encode, make_tiny_bundle, noise_image
 
 from diffad.cli import main
+from diffad.hardware import cpu_computes_bf16
 
 TENSORRT_MISSING = te.missing_for_tensorrt()
 GPU = te.GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
@@ -515,7 +516,7 @@ def test_auto_takes_torch_where_only_torch_sees_a_gpu(bundle_dir, monkeypatch):
     assert backend.name.startswith("torch-")
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no native bf16")
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
 def test_torch_backend_bf16_networks_stay_close_to_fp32(bundle_dir):
     bundle = load_bundle(bundle_dir)
     backend = open_backend(bundle, Settings(_env_file=None, backend="torch", torch_precision="bf16"))

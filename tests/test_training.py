@@ -197,11 +197,32 @@ def test_precision_follows_the_capability_check(monkeypatch):
         training.choose_precision("fp16", cpu)
 
 
-def test_native_bf16_asks_onednn_on_the_cpu(monkeypatch):
+def test_native_bf16_needs_the_instructions_not_onednn_emulation(monkeypatch):
+    """oneDNN says yes on any AVX512 CPU (it emulates bf16 there, 2.5-3x slower than fp32): the bf16
+    instructions decide."""
     from diffad.training import trainer as training
 
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    assert training.native_bf16(torch.device("cpu")) is False
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert training.native_bf16(cpu) is False
+    assert training.choose_precision("auto", cpu)[0] == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # Sapphire Rapids and later
+    assert training.native_bf16(cpu) is True
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # Cooper Lake, Zen 4
+    assert training.native_bf16(cpu) is True
+
+
+def test_cpu_flags_read_the_kernels_list(tmp_path):
+    from diffad.hardware import BF16_CPU_FLAGS, cpu_flags
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512f", "avx512_bf16"}
+    assert cpu_flags(cpuinfo) & BF16_CPU_FLAGS == {"avx512_bf16"}
+    assert cpu_flags(tmp_path / "absent") == set()
 
 
 def test_training_log_and_summary_name_the_precision(category, tmp_path, monkeypatch):

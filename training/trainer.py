@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from ..evaluation.evaluate import predict
 from ..evaluation.metrics import image_auroc, pixel_ap, pixel_auroc
+from ..hardware import cpu_computes_bf16
 from ..models import checkpoint as ckpt
 from ..models.diffusionad import DiffusionAD, ModelConfig, gaussian_kernel, smooth_map
 from ..models.presets import describe, preset
@@ -101,11 +102,11 @@ def crop_setting(preset_name: str, crop: int | None, crops_per_image: int | None
 
 # --- precision -----------------------------------------------------------------------------------
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 natively: AVX512-BF16 or AMX on a CPU (oneDNN's own check), or a
-    CUDA GPU with bf16 support."""
+    """Whether `device` computes bf16 natively: AVX512-BF16 or AMX on a CPU, or a CUDA GPU with bf16
+    support."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return cpu_computes_bf16()
 
 
 def choose_precision(requested: str, device: torch.device) -> tuple[str, str]:
