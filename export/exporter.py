@@ -30,6 +30,7 @@ from .. import __version__
 from ..evaluation.d3ad import EXPORT_MODES, calibrate_d3ad, good_images_for, read_good_images
 from ..evaluation.evaluate import Calibration, load_calibration
 from ..models import checkpoint as ckpt
+from ..models.map_reference import STD_FLOOR
 from .bundle import (
     INPUT_DTYPES,
     ONNX_FILE,
@@ -196,9 +197,9 @@ def export_decodiff_bundle(model, run_dir: Path, out_dir: Path, options: ExportO
         manifest = {
             **_common_manifest(model, run_dir, options, name),
             "method": "decodiff",
-            "outputs": describe_outputs(cfg.image_size, "raw image score: the map's maximum (DeCo-Diff); compare "
-                                                        "with threshold"),
+            "outputs": describe_outputs(cfg.image_size, f"raw image score: {score_rule(cfg)}; compare with threshold"),
             "correction": {"num_steps": cfg.num_steps, "timesteps": cfg.timesteps, "schedule": "cosine"},
+            "score": {"top_k": cfg.top_k, "map_reference": cfg.score_reference},
             "categories": categories,
             "category": first["category"],
             "threshold": first["threshold"],
@@ -303,3 +304,14 @@ def _move_into_place(staging: Path, out_dir: Path) -> None:
     os.replace(staging, out_dir)
     if old is not None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def score_rule(cfg) -> str:
+    """A DeCo-Diff model's image score in words (bundle.json)."""
+    if not cfg.score_reference:
+        if cfg.top_k == 1:
+            return "the map's maximum (DeCo-Diff's paper)"
+        return f"the mean of the map's top {cfg.top_k} values"
+    top = "the maximum of z" if cfg.top_k == 1 else f"the mean of the top {cfg.top_k} values of z"
+    return (f"{top}, squashed into (0, 1); z = (map - mean) / (std + {STD_FLOOR:g}) per pixel, mean and std of good "
+            "training images' maps")

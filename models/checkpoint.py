@@ -62,6 +62,9 @@ def load_model(path: str | Path) -> DiffusionAD:
              else DiffusionAD(ModelConfig.from_dict(config)))
     state = _load_tensors(path)
     weights = {k.removeprefix("model."): v for k, v in state.items() if not k.startswith(("optimizer.", "ema."))}
+    if isinstance(model, DeCoDiff):  # model files from before the score's map reference: the identity
+        for key, value in model.map_reference.state_dict(prefix="map_reference.").items():
+            weights.setdefault(key, value)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

@@ -13,7 +13,9 @@ the difference between the image and its correction: the paper multiplies an ima
 term in the latent space of a pretrained VAE. There is no such VAE here (no downloaded weights), so the
 model works in pixel space, and the latent term is replaced by its nearest pixel-space analogue: the
 difference in the standardised units the network sees, averaged over channels and pooled over 8 x 8
-pixels (the VAE's downsampling factor). The score is the map's maximum, as in the paper.
+pixels (the VAE's downsampling factor). The score is the map's maximum, as in the paper, unless training's
+validation chose the mean of the top-k values of the map measured against good training images' own maps
+(models/map_reference.py; a departure from the paper, made only where it validates better).
 
 The paper's hyper-parameters are kept: cosine schedule of 10 steps, corrupted fraction U(0, 0.7), patch
 sizes 1..16, shuffled-patch fraction U(0, 0.3), clip 0.4 on [-1, 1] (0.2 here, on [0, 1]) and blur sigma
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .diffusionad import gaussian_kernel, smooth_map
+from .map_reference import MapReference, squash
 from .schedule import cosine_alpha_bar
 from .unet import UNet, UNetConfig
 
@@ -58,6 +61,8 @@ class DeCoDiffConfig:
     coarse_sigma: float = 1.0    # its blur, on the pooled grid
     max_corrupted: float = 0.7   # training: the corrupted fraction of an image is U(0, max_corrupted)
     max_shuffled: float = 0.3    # training: the share of the noise made of shuffled patches is U(0, this)
+    top_k: int = 1               # the score: mean of the top-k values (1: the map's maximum, the paper's)
+    score_reference: bool = False  # ... of the map against good images' per-pixel maps (map_reference.py)
 
     def __post_init__(self):
         self.categories = tuple(str(c) for c in self.categories)
@@ -70,6 +75,8 @@ class DeCoDiffConfig:
         if not 0 < self.start_step < self.num_steps or self.step_stride < 1:
             raise ValueError(f"need 0 < start_step < num_steps and step_stride >= 1, got {self.start_step}, "
                              f"{self.num_steps}, {self.step_stride}")
+        if not 1 <= self.top_k <= self.image_size**2:
+            raise ValueError(f"top_k must be in 1..{self.image_size ** 2}, got {self.top_k}")
         if self.image_size % self.coarse_factor:
             raise ValueError(f"image_size {self.image_size} must be a multiple of coarse_factor {self.coarse_factor}")
         self.unet.in_channels = self.in_channels
@@ -171,6 +178,7 @@ class DeCoDiff(nn.Module):
         self.register_buffer("input_std", torch.tensor(config.input_std).view(shape), persistent=False)
         self.register_buffer("image_kernel", gaussian_kernel(config.image_sigma), persistent=False)
         self.register_buffer("coarse_kernel", gaussian_kernel(config.coarse_sigma), persistent=False)
+        self.map_reference = MapReference(len(config.categories), config.image_size)
         # The category every image is taken for when forward gets no classes. A buffer, not an int: an exported
         # graph holds it as a named constant (export/onnx_export.py: CATEGORY_CONSTANT), so one export serves
         # every category. Stored offset: the exporter shares one initializer among equal constants, and a
@@ -216,13 +224,24 @@ class DeCoDiff(nn.Module):
         coarse = F.interpolate(coarse, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return (pixel * coarse).clamp_min(0).sqrt()
 
-    def score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
-        return anomaly_map.flatten(1).amax(dim=1)
+    def score(self, anomaly_map: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean of the top-k values of the map, or with score_reference of its z against the category's
+        good maps (squashed into (0, 1)); `classes` as for forward."""
+        cfg = self.config
+        values = self.map_reference(anomaly_map, self._classes(anomaly_map, classes)) if cfg.score_reference \
+            else anomaly_map
+        flat = values.flatten(1)
+        top = flat.amax(dim=1) if cfg.top_k == 1 else flat.topk(cfg.top_k, dim=1).values.mean(dim=1)
+        return squash(top) if cfg.score_reference else top
+
+    def _classes(self, images: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+        if classes is not None:
+            return classes
+        # two constants, neither equal to the stored value (see __init__)
+        return self.category_index.expand(images.shape[0]) - (CATEGORY_OFFSET - 1) - 1
 
     def forward(self, images: torch.Tensor, classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if classes is None:
-            # two constants, neither equal to the stored value (see __init__)
-            classes = self.category_index.expand(images.shape[0]) - (CATEGORY_OFFSET - 1) - 1
+        classes = self._classes(images, classes)
         x = self.normalize(images)
         anomaly_map = self.anomaly_map(x, self.correct(x, classes))
-        return anomaly_map, self.score(anomaly_map)
+        return anomaly_map, self.score(anomaly_map, classes)

@@ -23,9 +23,11 @@ from diffad.models.decodiff import (
     patch_mask,
     shuffle_patches,
 )
+from diffad.models.map_reference import MapReference, squash
 from diffad.models.presets import decodiff_preset
 from diffad.models.schedule import cosine_alpha_bar
 from diffad.service.backends import TorchBackend
+from diffad.training.decodiff import choose_score_rule
 from diffad.training.demo_data import make_category
 from PIL import Image
 from test_service import make_settings, serving, until_ready
@@ -137,6 +139,71 @@ def test_category_choice_and_model_file_round_trip(tmp_path):
         model.set_category("tyre")
 
 
+def test_map_reference_standardises_each_place_against_its_category():
+    reference = MapReference(2, 2)
+    good = torch.tensor([[0.2, 0.5], [0.1, 0.1]]).view(1, 1, 2, 2) + torch.tensor([-0.1, 0.1]).view(2, 1, 1, 1)
+    reference.fit(1, good)  # per pixel: mean as given, std 0.1 (0.1 + the 0.01 floor divides)
+    assert torch.allclose(reference.mean[1], torch.tensor([[0.2, 0.5], [0.1, 0.1]]).view(1, 2, 2))
+    assert torch.all(reference.mean[0] == 0) and torch.all(reference.inverse_std[0] == 1)  # category 0: identity
+    maps = torch.tensor([[0.4, 0.5], [0.1, 0.1]]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
+    z = reference(maps, torch.tensor([1, 0]))
+    assert torch.allclose(z[0, 0], torch.tensor([[0.2 / 0.11, 0.0], [0.0, 0.0]]), atol=1e-5)
+    assert torch.equal(z[1], maps[1])
+    values = torch.tensor([-100.0, -1.0, 0.0, 0.5, 3.0, 1e6])
+    assert squash(torch.tensor(0.0)) == 0.5 and torch.all(squash(values).diff() > 0)
+    assert torch.all((squash(values) > 0) & (squash(values) < 1))
+
+
+def test_score_rules_top_k_and_reference_per_image_category():
+    model = DeCoDiff(decodiff_preset("tiny", ("a", "b"), 32, 1)).eval()
+    maps = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.score(maps), maps.flatten(1).amax(dim=1))  # the paper's maximum by default
+    model.config.top_k = 10
+    assert torch.allclose(model.score(maps), maps.flatten(1).topk(10, dim=1).values.mean(dim=1))
+    rim = torch.zeros(1, 1, 32, 32)
+    rim[..., 0, :] = 0.9  # every good part of category b is high along one edge
+    model.map_reference.fit(1, rim.repeat(4, 1, 1, 1))
+    model.config.score_reference = True
+    scores = model.score(maps, torch.tensor([0, 1]))
+    z_b = (maps[1] - rim[0]) / 0.01
+    assert torch.allclose(scores[1], squash(z_b.flatten().topk(10).values.mean()), atol=1e-6)
+    assert torch.allclose(scores[0], squash(maps[0].flatten().topk(10).values.mean()), atol=1e-6)
+
+
+def test_score_rule_is_chosen_on_validation_and_ties_keep_the_papers():
+    model = DeCoDiff(decodiff_preset("tiny", ("tire",), 32, 1)).eval()
+    rng = np.random.default_rng(0)
+    maps = rng.uniform(0, 0.1, (40, 32, 32)).astype(np.float32)
+    maps[:, 0, :] += rng.uniform(0.5, 0.9, (40, 1)).astype(np.float32)  # a rim, brighter than any defect
+    labels = np.repeat([0, 1], 20)
+    maps[20:, 16, 16] += 0.3      # the defects: faint, where good parts are dark
+    reference = rng.uniform(0, 0.1, (64, 1, 32, 32)).astype(np.float32)
+    reference[:, 0, 0, :] += rng.uniform(0.5, 0.9, (64, 1)).astype(np.float32)
+    model.map_reference.fit(0, torch.from_numpy(reference))
+    result = choose_score_rule(model, {"tire": maps}, {"tire": labels})
+    assert result["scores"]["map top-1"] < 0.75 and result["scores"]["reference top-1"] == 1.0
+    assert result["chosen"] == {"score_reference": True, "top_k": 1}
+    assert model.config.score_reference and model.config.top_k == 1
+    flat = np.zeros((4, 32, 32), np.float32)  # nothing tells good from bad: every rule ties at 0.5
+    result = choose_score_rule(model, {"tire": flat}, {"tire": np.array([0, 0, 1, 1])})
+    assert result["chosen"] == {"score_reference": False, "top_k": 1}
+
+
+def test_model_files_from_before_the_map_reference_still_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = DeCoDiff(decodiff_preset("tiny", ("a",), 32, 1)).eval()
+    ckpt.save_model(tmp_path / "m.safetensors", model)
+    tensors = load_file(tmp_path / "m.safetensors")
+    metadata = ckpt.read_metadata(tmp_path / "m.safetensors")
+    old = {k: v for k, v in tensors.items() if "map_reference" not in k}
+    assert len(old) < len(tensors), "the reference is saved with the model"
+    save_file(old, tmp_path / "old.safetensors", metadata=metadata)
+    loaded = ckpt.load_model(tmp_path / "old.safetensors")
+    assert torch.all(loaded.map_reference.mean == 0) and torch.all(loaded.map_reference.inverse_std == 1)
+    assert not loaded.config.score_reference and loaded.config.top_k == 1
+
+
 @pytest.fixture(scope="module")
 def two_categories(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
@@ -156,6 +223,12 @@ def multi_run(two_categories, tmp_path_factory):
     with torch.no_grad():
         for p in model.unet.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    # and scored against per-category map references, so that the graphs and backends below must gather
+    # each category's own (training chose a rule on its validation sets; this forces the harder one)
+    for index in range(2):
+        reference = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(index)) * (index + 1) * 0.2
+        model.map_reference.fit(index, reference)
+    model.config.score_reference, model.config.top_k = True, 10
     ckpt.save_model(run / ckpt.MODEL_FILE, model)
     assert main(["evaluate", str(run), *map(str, two_categories), "--json", str(run / "eval_all.json")]) == 0
     return run
@@ -175,6 +248,8 @@ def test_train_and_evaluate_several_categories_in_one_model(multi_run):
     assert set(config["held_out_images_by_category"]) == {"alpha", "beta"}
     history = [json.loads(line) for line in (run / "validation_log.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [3, 6] and set(history[0]["categories"]) == {"alpha", "beta"}
+    rule = json.loads((run / "train_summary.json").read_text())["validation"]["score_rule"]
+    assert set(rule["chosen"]) == {"score_reference", "top_k"} and len(rule["scores"]) == 6
     model = ckpt.load_model(run)
     assert isinstance(model, DeCoDiff) and model.unet.class_embed.num_embeddings == 2
     result = json.loads((run / "eval_all.json").read_text())
@@ -188,6 +263,7 @@ def test_export_writes_one_checked_graph_per_category(multi_run, multi_bundle):
     bundle = load_bundle(multi_bundle)
     assert bundle.method == "decodiff" and bundle.t_s is None and bundle.manifest["categories"] == ["alpha", "beta"]
     assert bundle.manifest["correction"]["timesteps"] == [8, 6, 4, 2, 0]
+    assert bundle.manifest["score"] == {"top_k": 10, "map_reference": True}  # what the fixture set
     views = {view.name: view for view in bundle.models()}
     assert set(views) == {"run.alpha", "run.beta"}
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -7,7 +7,9 @@ predicted and the true deviation. The category is the UNet's class condition.
 As DiffusionAD's training (training/trainer.py), whose pieces it uses: the precision follows the hardware,
 an EMA of the weights is kept, and every `validate_every` steps the EMA model is scored on each category's
 validation set (held-out good images, each also with a fixed-seed synthetic anomaly); the model with the
-best mean score is kept. Test labels are never looked at.
+best mean score is kept. Then the image score's rule is chosen on the same validation sets: the paper's
+map maximum, or a top-k mean, of the map as it is or measured against the maps of good training images
+(models/map_reference.py). Test labels are never looked at.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..evaluation.evaluate import predict
+from ..evaluation.metrics import image_auroc
 from ..models import checkpoint as ckpt
 from ..models.decodiff import DeCoDiff, DeCoDiffConfig, corrupt
 from ..models.presets import count_parameters, decodiff_preset
@@ -52,6 +55,9 @@ from .trainer import (
 )
 
 log = logging.getLogger("diffad.train")
+
+SCORE_TOP_KS = (1, 10, 50)   # the score rules' top-k candidates; 1 is the map's maximum, the paper's
+REFERENCE_IMAGES = 64        # good training images per category whose maps make the score's reference
 
 
 def category_names(data_dirs: list[str | Path]) -> tuple[str, ...]:
@@ -98,13 +104,13 @@ def train_decodiff(data_dirs: list[str | Path], run_dir: str | Path, preset_name
 
     if channels is None:  # one input for every category: colour if any category is in colour
         channels = max(detect_channels(find_train_images(d)) for d in data_dirs)
-    images, classes, vsets, held = [], [], {}, {}
+    images, classes, vsets, held, references = [], [], {}, {}, {}
     for index, (name, data_dir) in enumerate(zip(names, data_dirs, strict=True)):
         paths, ims, fgs, channels = load_training_images(data_dir, size, channels, synthesis.foreground)
         paths, ims, fgs, vset, held_paths = split_validation(data_dir, paths, ims, fgs, channels,
                                                              cfg.validation_fraction, synthesis)
         images.append(ims), classes.append(np.full(len(ims), index))
-        held[name] = held_paths
+        held[name], references[name] = held_paths, ims[:REFERENCE_IMAGES]
         if vset is not None:
             vsets[name] = vset
         log.info("category %s: %d training images; validation %s", name, len(ims), vset.source if vset else "none")
@@ -206,6 +212,17 @@ def train_decodiff(data_dirs: list[str | Path], run_dir: str | Path, preset_name
     else:
         final, chosen_step = copy.deepcopy(ema.model if ema else model).cpu(), step
     final.eval().cpu()
+    score_rule = None
+    if vsets:
+        fit_map_reference(final, references)
+        maps = {}
+        for name, vset in vsets.items():
+            final.set_category(name)
+            maps[name] = predict(final, vset.images, progress=False)[0]
+        final.set_category(names[0])
+        score_rule = choose_score_rule(final, maps, {name: vset.labels for name, vset in vsets.items()})
+        log.info("image score: %s (validation image AUROC %s)", score_rule["chosen"],
+                 ", ".join(f"{k} {v:.3f}" for k, v in score_rule["scores"].items()))
     summary = {
         "method": "decodiff", "preset": preset_name, "categories": list(names), "steps": step,
         "chosen_step": chosen_step, "train_seconds": round(elapsed, 1),
@@ -215,7 +232,7 @@ def train_decodiff(data_dirs: list[str | Path], run_dir: str | Path, preset_name
         "precision_reason": precision_reason, "final_mse": float(np.mean(history[-50:])) if history else None,
         "image_size": size, "in_channels": channels,
         "validation": {"chosen": max(validations, key=lambda v: v["score"]) if validations else None,
-                       "history": validations} if vsets else None,
+                       "score_rule": score_rule, "history": validations} if vsets else None,
         "unet_params_m": round(count_parameters(final.unet) / 1e6, 3),
         "torch": torch.__version__,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -226,3 +243,36 @@ def train_decodiff(data_dirs: list[str | Path], run_dir: str | Path, preset_name
     log.info("trained %d steps in %.1f min (%.2f s/step); kept step %d; model saved to %s", step, elapsed / 60,
              summary["seconds_per_step"], chosen_step, run_dir / ckpt.MODEL_FILE)
     return summary
+
+
+@torch.inference_mode()
+def fit_map_reference(model: DeCoDiff, references: dict[str, np.ndarray]) -> None:
+    """Fit each category's map reference on the maps of its good training images [N, H, W, C]."""
+    for name, images in references.items():
+        model.set_category(name)
+        maps = predict(model, images, progress=False)[0]
+        model.map_reference.fit(model.config.categories.index(name), torch.from_numpy(maps)[:, None])
+    model.set_category(model.config.categories[0])
+
+
+@torch.inference_mode()
+def choose_score_rule(model: DeCoDiff, maps: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                      top_ks: tuple[int, ...] = SCORE_TOP_KS) -> dict:
+    """Set the model's score rule (score_reference, top_k) to the one with the best mean validation image
+    AUROC over the categories, given each category's validation maps [N, H, W] and labels; ties go to the
+    paper's map maximum. Returns the choice and every candidate's figure."""
+    paper = (False, 1)
+    figures = {}
+    for reference in (False, True):
+        for k in sorted({1, *top_ks}):
+            model.config.score_reference, model.config.top_k = reference, k
+            aurocs = []
+            for name, category_maps in maps.items():
+                classes = torch.full((len(category_maps),), model.config.categories.index(name))
+                scores = model.score(torch.from_numpy(category_maps)[:, None], classes)
+                aurocs.append(image_auroc(labels[name], scores.numpy()))
+            figures[reference, k] = float(np.mean(aurocs))
+    best = max(figures, key=lambda rule: (figures[rule], rule == paper))
+    model.config.score_reference, model.config.top_k = best
+    return {"chosen": {"score_reference": best[0], "top_k": best[1]},
+            "scores": {f"{'reference' if r else 'map'} top-{k}": round(v, 4) for (r, k), v in figures.items()}}
