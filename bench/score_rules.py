@@ -1,11 +1,12 @@
 """Image-score rules compared on one trained run, from the maps the model already makes.
 
-The rules: the map's maximum (DeCo-Diff's paper, and what a DeCo-Diff bundle scores with today), the mean
-of the map's k largest values (DiffusionAD's rule, k = 50 there), and the map's mean; each also on the map
-less the per-pixel mean map of training images ("centred": what every good part shows at a place, such as
-an object's rim, stops counting) and on that divided by the per-pixel std ("z"). Each gets its image AUROC
-on the run's validation set (held-out good images with fixed synthetic anomalies: what a choice may look
-at) and on the category's test set (reported only, never chosen on).
+The rules: the map's maximum (DeCo-Diff's paper), the mean of the map's k largest values (DiffusionAD's
+rule, k = 50 there), and the map's mean; each also on the map less the per-pixel mean map of training
+images ("centred": what every good part shows at a place, such as an object's rim, stops counting) and on
+its z against their per-pixel mean and std ("z": the model's own models/map_reference.py, whose rules
+DeCo-Diff's training chooses among). Each gets its image AUROC on the run's validation set (held-out good
+images with fixed synthetic anomalies: what a choice may look at) and on the category's test set
+(reported only, never chosen on).
 
     python bench/score_rules.py RUN DATA [--json OUT]
 """
@@ -19,10 +20,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from diffad.benchmarks.throughput import emit, machine
 from diffad.evaluation.evaluate import predict, read_test_set
 from diffad.evaluation.metrics import image_auroc
 from diffad.models import checkpoint as ckpt
+from diffad.models.map_reference import MapReference
 from diffad.training.data import find_validation_images
 from diffad.training.trainer import holdout_split, load_training_images, run_validation_set
 
@@ -49,10 +52,13 @@ def reference_maps(run_dir: str, data_dir: str, model, count: int) -> np.ndarray
     return predict(model, images[keep[:count]], desc="reference (training images)")[0]
 
 
-def all_rules(maps: np.ndarray, mean: np.ndarray, std: np.ndarray) -> dict[str, np.ndarray]:
+def all_rules(maps: np.ndarray, reference: MapReference) -> dict[str, np.ndarray]:
+    """Every rule on [N, H, W] maps, against a reference fitted for category 0."""
+    maps_t = torch.from_numpy(maps)[:, None]
+    z = reference(maps_t, torch.zeros(len(maps), dtype=torch.long))[:, 0].numpy()
     rules = rule_scores(maps)
-    rules |= {f"centred {k}": v for k, v in rule_scores(maps - mean).items()}
-    rules |= {f"z {k}": v for k, v in rule_scores((maps - mean) / (std + 0.01)).items()}
+    rules |= {f"centred {k}": v for k, v in rule_scores(maps - reference.mean[0, 0].numpy()).items()}
+    rules |= {f"z {k}": v for k, v in rule_scores(z).items()}
     return rules
 
 
@@ -71,18 +77,19 @@ def main(argv: list[str] | None = None) -> None:
     if vset is None:
         sys.exit(f"{args.run_dir} has no validation set to choose a rule on")
     test = read_test_set(args.data_dir, size, channels)
-    reference = reference_maps(args.run_dir, args.data_dir, model, args.reference)
-    mean, std = reference.mean(axis=0), reference.std(axis=0)
+    reference_images = reference_maps(args.run_dir, args.data_dir, model, args.reference)
+    reference = MapReference(1, size)
+    reference.fit(0, torch.from_numpy(reference_images)[:, None])
     validation_maps, _ = predict(model, vset.images, desc="validation")
     test_maps, _ = predict(model, test.images, desc="test set")
-    validation = {k: image_auroc(vset.labels, v) for k, v in all_rules(validation_maps, mean, std).items()}
-    test_figures = {k: image_auroc(test.labels, v) for k, v in all_rules(test_maps, mean, std).items()}
+    validation = {k: image_auroc(vset.labels, v) for k, v in all_rules(validation_maps, reference).items()}
+    test_figures = {k: image_auroc(test.labels, v) for k, v in all_rules(test_maps, reference).items()}
     for rule in validation:
         print(f"{rule:>26}: validation image AUROC {validation[rule]:.3f}   test {test_figures[rule]:.3f}")
     best = max(validation, key=validation.get)
     print(f"validation would choose: {best}")
     emit({"command": shlex.join(["python", *sys.argv]), "run": str(args.run_dir), "data": str(args.data_dir),
-          "validation_images": len(vset), "test_images": len(test.labels), "reference_images": len(reference),
+          "validation_images": len(vset), "test_images": len(test.labels), "reference_images": len(reference_images),
           "validation_image_auroc": validation, "test_image_auroc": test_figures,
           "validation_choice": best, "machine": machine()}, args.json)
 
