@@ -32,11 +32,11 @@ from diffad.training.trainer import holdout_split, load_training_images, run_val
 TOP_K = (10, 50, 200, 1000)
 
 
-def rule_scores(maps: np.ndarray) -> dict[str, np.ndarray]:
+def rule_scores(maps: np.ndarray, top_ks: tuple[int, ...] = TOP_K) -> dict[str, np.ndarray]:
     """[N, H, W] maps -> {rule name: [N] scores}."""
     flat = np.sort(maps.reshape(len(maps), -1), axis=1)[:, ::-1]
     rules = {"max": flat[:, 0]}
-    for k in TOP_K:
+    for k in sorted(set(top_ks) - {1}):
         rules[f"top-{k} mean"] = flat[:, :k].mean(axis=1)
     rules["mean"] = flat.mean(axis=1)
     return rules
@@ -52,13 +52,13 @@ def reference_maps(run_dir: str, data_dir: str, model, count: int) -> np.ndarray
     return predict(model, images[keep[:count]], desc="reference (training images)")[0]
 
 
-def all_rules(maps: np.ndarray, reference: MapReference) -> dict[str, np.ndarray]:
+def all_rules(maps: np.ndarray, reference: MapReference, top_ks: tuple[int, ...] = TOP_K) -> dict[str, np.ndarray]:
     """Every rule on [N, H, W] maps, against a reference fitted for category 0."""
     maps_t = torch.from_numpy(maps)[:, None]
     z = reference(maps_t, torch.zeros(len(maps), dtype=torch.long))[:, 0].numpy()
-    rules = rule_scores(maps)
-    rules |= {f"centred {k}": v for k, v in rule_scores(maps - reference.mean[0, 0].numpy()).items()}
-    rules |= {f"z {k}": v for k, v in rule_scores(z).items()}
+    rules = rule_scores(maps, top_ks)
+    rules |= {f"centred {k}": v for k, v in rule_scores(maps - reference.mean[0, 0].numpy(), top_ks).items()}
+    rules |= {f"z {k}": v for k, v in rule_scores(z, top_ks).items()}
     return rules
 
 
@@ -82,14 +82,17 @@ def main(argv: list[str] | None = None) -> None:
     reference.fit(0, torch.from_numpy(reference_images)[:, None])
     validation_maps, _ = predict(model, vset.images, desc="validation")
     test_maps, _ = predict(model, test.images, desc="test set")
-    validation = {k: image_auroc(vset.labels, v) for k, v in all_rules(validation_maps, reference).items()}
-    test_figures = {k: image_auroc(test.labels, v) for k, v in all_rules(test_maps, reference).items()}
+    top_ks = (*TOP_K, model.config.top_k)  # the model's own rule among them
+    validation = {k: image_auroc(vset.labels, v) for k, v in all_rules(validation_maps, reference, top_ks).items()}
+    test_figures = {k: image_auroc(test.labels, v) for k, v in all_rules(test_maps, reference, top_ks).items()}
     for rule in validation:
         print(f"{rule:>26}: validation image AUROC {validation[rule]:.3f}   test {test_figures[rule]:.3f}")
     best = max(validation, key=validation.get)
     print(f"validation would choose: {best}")
     emit({"command": shlex.join(["python", *sys.argv]), "run": str(args.run_dir), "data": str(args.data_dir),
           "validation_images": len(vset), "test_images": len(test.labels), "reference_images": len(reference_images),
+          "model_rule": ("z " if getattr(model.config, "score_reference", False) else "")
+          + ("max" if model.config.top_k == 1 else f"top-{model.config.top_k} mean"),
           "validation_image_auroc": validation, "test_image_auroc": test_figures,
           "validation_choice": best, "machine": machine()}, args.json)
 

@@ -316,8 +316,7 @@ def describe_input(size: int, channels: int, dtype: str) -> dict[str, Any]:
             "resize": f"bilinear to {size}x{size} (Pillow), as in training"}
 
 
-def describe_outputs(size: int, score_meaning: str = "raw image score: mean of the top_k map values; "
-                                                     "compare with threshold") -> dict[str, Any]:
+def describe_outputs(size: int, score_meaning: str) -> dict[str, Any]:
     return {
         MAP_OUTPUT: {"shape": ["batch", 1, size, size], "dtype": "float32", "range": [0.0, 1.0],
                      "meaning": "per-pixel anomaly probability at the model's resolution"},

@@ -197,7 +197,7 @@ def export_decodiff_bundle(model, run_dir: Path, out_dir: Path, options: ExportO
         manifest = {
             **_common_manifest(model, run_dir, options, name),
             "method": "decodiff",
-            "outputs": describe_outputs(cfg.image_size, f"raw image score: {score_rule(cfg)}; compare with threshold"),
+            "outputs": describe_score_outputs(cfg),
             "correction": {"num_steps": cfg.num_steps, "timesteps": cfg.timesteps, "schedule": "cosine"},
             "score": {"top_k": cfg.top_k, "map_reference": cfg.score_reference},
             "categories": categories,
@@ -244,12 +244,13 @@ def build_manifest(model, run_dir: Path, options: ExportOptions, onnx_block: dic
     return {
         **_common_manifest(model, run_dir, options, options.name or run_dir.resolve().name),
         "method": "diffusionad",
-        "outputs": describe_outputs(cfg.image_size),
+        "outputs": describe_score_outputs(cfg),
         "t_s": cfg.t_s,
         "t_l": cfg.t_l,
         "w": cfg.w,
         "noise_seed": cfg.noise_seed,
         "top_k": cfg.top_k,
+        "score": {"top_k": cfg.top_k, "map_reference": cfg.score_reference},
         "map_sigma": cfg.map_sigma,
         "reconstruction": {"mode": options.mode, **({} if cfg.d3ad.mode == "off" else {"d3ad": asdict(cfg.d3ad)})},
         "threshold": None if calibration is None else float(calibration.threshold),
@@ -306,11 +307,16 @@ def _move_into_place(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def describe_score_outputs(cfg) -> dict:
+    """bundle.json's outputs, the score's rule in words."""
+    return describe_outputs(cfg.image_size, f"raw image score: {score_rule(cfg)}; compare with threshold")
+
+
 def score_rule(cfg) -> str:
-    """A DeCo-Diff model's image score in words (bundle.json)."""
+    """A model's image score in words (bundle.json), either method."""
     if not cfg.score_reference:
         if cfg.top_k == 1:
-            return "the map's maximum (DeCo-Diff's paper)"
+            return "the map's maximum"
         return f"the mean of the map's top {cfg.top_k} values"
     top = "the maximum of z" if cfg.top_k == 1 else f"the mean of the top {cfg.top_k} values of z"
     return (f"{top}, squashed into (0, 1); z = (map - mean) / (std + {STD_FLOOR:g}) per pixel, mean and std of good "

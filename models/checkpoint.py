@@ -62,9 +62,7 @@ def load_model(path: str | Path) -> DiffusionAD:
              else DiffusionAD(ModelConfig.from_dict(config)))
     state = _load_tensors(path)
     weights = {k.removeprefix("model."): v for k, v in state.items() if not k.startswith(("optimizer.", "ema."))}
-    if isinstance(model, DeCoDiff):  # model files from before the score's map reference: the identity
-        for key, value in model.map_reference.state_dict(prefix="map_reference.").items():
-            weights.setdefault(key, value)
+    _identity_reference_if_missing(model, weights)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -101,10 +99,11 @@ def load_training_state(path: str | Path, model: DiffusionAD, optimizer: torch.o
     if meta.get("format") != "diffad-training-1":
         raise CheckpointError(f"{path} is not a diffad training state (format {meta.get('format')!r})")
     tensors = _load_tensors(path)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(_identity_reference_if_missing(model, weights))
     if ema is not None:
         averaged = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-        ema.load_state_dict(averaged or model.state_dict())
+        ema.load_state_dict(_identity_reference_if_missing(ema, averaged) if averaged else model.state_dict())
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -115,6 +114,15 @@ def load_training_state(path: str | Path, model: DiffusionAD, optimizer: torch.o
         group["betas"] = tuple(group["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     return int(meta["step"])
+
+
+def _identity_reference_if_missing(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict:
+    """Files from before the score's map reference lack it: theirs is the identity, which leaves their scores
+    as they were."""
+    reference = model.map_reference
+    weights.setdefault("map_reference.mean", torch.zeros_like(reference.mean))
+    weights.setdefault("map_reference.inverse_std", torch.ones_like(reference.inverse_std))
+    return weights
 
 
 def latest_training_state(run_dir: str | Path) -> Path | None:

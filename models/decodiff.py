@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .diffusionad import gaussian_kernel, smooth_map
-from .map_reference import MapReference, squash
+from .map_reference import MapReference, top_k_score
 from .schedule import cosine_alpha_bar
 from .unet import UNet, UNetConfig
 
@@ -230,9 +230,7 @@ class DeCoDiff(nn.Module):
         cfg = self.config
         values = self.map_reference(anomaly_map, self._classes(anomaly_map, classes)) if cfg.score_reference \
             else anomaly_map
-        flat = values.flatten(1)
-        top = flat.amax(dim=1) if cfg.top_k == 1 else flat.topk(cfg.top_k, dim=1).values.mean(dim=1)
-        return squash(top) if cfg.score_reference else top
+        return top_k_score(values, cfg.top_k, squashed=cfg.score_reference)
 
     def _classes(self, images: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
         if classes is not None:

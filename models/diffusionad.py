@@ -6,7 +6,9 @@ seeded buffer saved with the weights, so an image always gets the same score, al
 Two per-model constants shape what the networks see and what the map shows, and travel inside the model
 (and so inside the exported graph): the input standardisation (per-channel mean and std of the category's
 good images: a faint texture then fills the networks' range instead of a sliver of [-1, 1], so the noise at
-t_s does not drown it) and the Gaussian smoothing of the map before the top-k score.
+t_s does not drown it) and the Gaussian smoothing of the map before the top-k score. The score may also be
+taken of the map's z against good training images' maps, place by place (models/map_reference.py), where
+training's validation set prefers it: on an object every good part's map is high at the same places.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .d3ad import D3ADConfig, guided_reconstruction, score_bins, start_steps
+from .map_reference import MapReference, top_k_score
 from .schedule import LinearNoiseSchedule, ScheduleConfig, clamp
 from .segmentation import SegmentationConfig, SegmentationNet
 from .unet import UNet, UNetConfig
@@ -36,6 +39,7 @@ class ModelConfig:
     t_l: int = 400
     w: float = 1.0
     top_k: int = 50
+    score_reference: bool = False  # score the map's z against good images' per-pixel maps (map_reference.py)
     noise_seed: int = 0
     # x = (image - input_mean) / input_std per channel; empty = 0.5 and 0.5, the classic [-1, 1] scaling.
     input_mean: tuple[float, ...] = ()
@@ -122,6 +126,7 @@ class DiffusionAD(nn.Module):
         kernel = gaussian_kernel(config.map_sigma) if config.map_sigma > 0 else torch.ones(1)
         self.register_buffer("map_kernel", kernel, persistent=False)
         self.register_buffer("d3ad_bin_edges", torch.tensor(config.d3ad.bin_edges or (0.0,)), persistent=False)
+        self.map_reference = MapReference(1, config.image_size)  # the identity until training fits it
 
     def set_d3ad(self, d3ad: D3ADConfig) -> None:
         """Switch the reconstruction: D3AD (fixed or dynamic noise level) or back to one-step (mode "off")."""
@@ -231,8 +236,11 @@ class DiffusionAD(nn.Module):
         return anomaly_map
 
     def score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
-        """Image score: the mean of the top-k map values."""
-        return anomaly_map.flatten(1).topk(self.config.top_k, dim=1).values.mean(dim=1)
+        """Image score: the mean of the top-k map values, or with score_reference of the top-k values of the
+        map's z against good images' maps (squashed into (0, 1))."""
+        cfg = self.config
+        values = self.map_reference(anomaly_map) if cfg.score_reference else anomaly_map
+        return top_k_score(values, cfg.top_k, squashed=cfg.score_reference)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [N, C, H, W] in [0, 1] -> (anomaly map [N, 1, H, W] in [0, 1], score [N])."""

@@ -27,7 +27,6 @@ from diffad.models.map_reference import MapReference, squash
 from diffad.models.presets import decodiff_preset
 from diffad.models.schedule import cosine_alpha_bar
 from diffad.service.backends import TorchBackend
-from diffad.training.decodiff import choose_score_rule
 from diffad.training.demo_data import make_category
 from PIL import Image
 from test_service import make_settings, serving, until_ready
@@ -168,40 +167,6 @@ def test_score_rules_top_k_and_reference_per_image_category():
     z_b = (maps[1] - rim[0]) / 0.01
     assert torch.allclose(scores[1], squash(z_b.flatten().topk(10).values.mean()), atol=1e-6)
     assert torch.allclose(scores[0], squash(maps[0].flatten().topk(10).values.mean()), atol=1e-6)
-
-
-def test_score_rule_is_chosen_on_validation_and_ties_keep_the_papers():
-    model = DeCoDiff(decodiff_preset("tiny", ("tire",), 32, 1)).eval()
-    rng = np.random.default_rng(0)
-    maps = rng.uniform(0, 0.1, (40, 32, 32)).astype(np.float32)
-    maps[:, 0, :] += rng.uniform(0.5, 0.9, (40, 1)).astype(np.float32)  # a rim, brighter than any defect
-    labels = np.repeat([0, 1], 20)
-    maps[20:, 16, 16] += 0.3      # the defects: faint, where good parts are dark
-    reference = rng.uniform(0, 0.1, (64, 1, 32, 32)).astype(np.float32)
-    reference[:, 0, 0, :] += rng.uniform(0.5, 0.9, (64, 1)).astype(np.float32)
-    model.map_reference.fit(0, torch.from_numpy(reference))
-    result = choose_score_rule(model, {"tire": maps}, {"tire": labels})
-    assert result["scores"]["map top-1"] < 0.75 and result["scores"]["reference top-1"] == 1.0
-    assert result["chosen"] == {"score_reference": True, "top_k": 1}
-    assert model.config.score_reference and model.config.top_k == 1
-    flat = np.zeros((4, 32, 32), np.float32)  # nothing tells good from bad: every rule ties at 0.5
-    result = choose_score_rule(model, {"tire": flat}, {"tire": np.array([0, 0, 1, 1])})
-    assert result["chosen"] == {"score_reference": False, "top_k": 1}
-
-
-def test_model_files_from_before_the_map_reference_still_load(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    model = DeCoDiff(decodiff_preset("tiny", ("a",), 32, 1)).eval()
-    ckpt.save_model(tmp_path / "m.safetensors", model)
-    tensors = load_file(tmp_path / "m.safetensors")
-    metadata = ckpt.read_metadata(tmp_path / "m.safetensors")
-    old = {k: v for k, v in tensors.items() if "map_reference" not in k}
-    assert len(old) < len(tensors), "the reference is saved with the model"
-    save_file(old, tmp_path / "old.safetensors", metadata=metadata)
-    loaded = ckpt.load_model(tmp_path / "old.safetensors")
-    assert torch.all(loaded.map_reference.mean == 0) and torch.all(loaded.map_reference.inverse_std == 1)
-    assert not loaded.config.score_reference and loaded.config.top_k == 1
 
 
 @pytest.fixture(scope="module")

@@ -190,6 +190,9 @@ def test_bundle_json_has_every_field(bundle_dir, model):
     assert (manifest["t_s"], manifest["t_l"], manifest["w"], manifest["noise_seed"], manifest["top_k"]) == \
         (cfg.t_s, cfg.t_l, cfg.w, cfg.noise_seed, cfg.top_k)
     assert manifest["map_sigma"] == cfg.map_sigma == 0.8
+    # the score against the fixture's map reference: the graph carries it, and the bundle says so
+    assert manifest["score"] == {"top_k": cfg.top_k, "map_reference": True}
+    assert "z = (map - mean)" in manifest["outputs"]["score"]["meaning"]
     standardization = manifest["input_standardization"]
     assert (standardization["mean"], standardization["std"]) == ([0.45, 0.5, 0.55], [0.2, 0.25, 0.3])
     assert manifest["threshold"] == CALIBRATION.threshold

@@ -347,6 +347,13 @@ def test_training_keeps_the_best_validated_model(category, tmp_path):
     assert summary["t_s"] == validation["t_s_selection"]["chosen"]
     model = ckpt.load_model(run)
     assert model.config.t_s == summary["t_s"]
+    # the image score's rule, chosen last on the same set, and its reference fitted on good training maps
+    rule = validation["score_rule"]
+    assert summary["score"] == {"top_k": rule["chosen"]["top_k"], "map_reference": rule["chosen"]["score_reference"]}
+    assert (model.config.top_k, model.config.score_reference) == (rule["chosen"]["top_k"],
+                                                                   rule["chosen"]["score_reference"])
+    assert len(rule["scores"]) == 2 * len({1, 10, 50, preset("tiny").top_k})
+    assert model.map_reference.mean.min() > 0 and torch.all(model.map_reference.inverse_std <= 100)
     assert ckpt.read_metadata(run / ckpt.MODEL_FILE)["step"] == str(best["step"])
     log = [json.loads(line) for line in (run / "validation_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [2, 4, 6]

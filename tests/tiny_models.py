@@ -7,7 +7,8 @@ from torch import nn
 
 
 def perturbed_tiny_model(channels: int = 3, seed: int = 0) -> DiffusionAD:
-    """The tiny preset with weights and BatchNorm statistics moved off their initial values.
+    """The tiny preset with weights and BatchNorm statistics moved off their initial values, and its score
+    taken against a per-pixel map reference that is not the identity.
 
     Fresh weights give near-constant maps (zero-initialised output layers), which would let a broken
     export or a mixed-up batch pass unnoticed.
@@ -25,4 +26,7 @@ def perturbed_tiny_model(channels: int = 3, seed: int = 0) -> DiffusionAD:
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.3, 0.3)
                 m.running_var.uniform_(0.5, 2.0)
+        size = config.image_size
+        model.map_reference.fit(0, torch.rand(8, 1, size, size, generator=torch.Generator().manual_seed(seed)) * 0.3)
+    model.config.score_reference = True
     return model.eval()

@@ -31,11 +31,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..evaluation.evaluate import predict
-from ..evaluation.metrics import image_auroc
 from ..models import checkpoint as ckpt
 from ..models.decodiff import DeCoDiff, DeCoDiffConfig, corrupt
 from ..models.presets import count_parameters, decodiff_preset
 from .data import detect_channels, find_train_images
+from .score_rule import REFERENCE_IMAGES, choose_score_rule
 from .synthesis import AnomalySynthesizer, SynthesisConfig
 from .trainer import (
     BEST_FILE,
@@ -56,8 +56,7 @@ from .trainer import (
 
 log = logging.getLogger("diffad.train")
 
-SCORE_TOP_KS = (1, 10, 50)   # the score rules' top-k candidates; 1 is the map's maximum, the paper's
-REFERENCE_IMAGES = 64        # good training images per category whose maps make the score's reference
+PAPER_SCORE_RULE = (False, 1)  # (score_reference, top_k): the map's maximum
 
 
 def category_names(data_dirs: list[str | Path]) -> tuple[str, ...]:
@@ -220,7 +219,7 @@ def train_decodiff(data_dirs: list[str | Path], run_dir: str | Path, preset_name
             final.set_category(name)
             maps[name] = predict(final, vset.images, progress=False)[0]
         final.set_category(names[0])
-        score_rule = choose_score_rule(final, maps, {name: vset.labels for name, vset in vsets.items()})
+        score_rule = select_score_rule(final, maps, {name: vset.labels for name, vset in vsets.items()})
         log.info("image score: %s (validation image AUROC %s)", score_rule["chosen"],
                  ", ".join(f"{k} {v:.3f}" for k, v in score_rule["scores"].items()))
     summary = {
@@ -255,24 +254,11 @@ def fit_map_reference(model: DeCoDiff, references: dict[str, np.ndarray]) -> Non
     model.set_category(model.config.categories[0])
 
 
-@torch.inference_mode()
-def choose_score_rule(model: DeCoDiff, maps: dict[str, np.ndarray], labels: dict[str, np.ndarray],
-                      top_ks: tuple[int, ...] = SCORE_TOP_KS) -> dict:
-    """Set the model's score rule (score_reference, top_k) to the one with the best mean validation image
-    AUROC over the categories, given each category's validation maps [N, H, W] and labels; ties go to the
-    paper's map maximum. Returns the choice and every candidate's figure."""
-    paper = (False, 1)
-    figures = {}
-    for reference in (False, True):
-        for k in sorted({1, *top_ks}):
-            model.config.score_reference, model.config.top_k = reference, k
-            aurocs = []
-            for name, category_maps in maps.items():
-                classes = torch.full((len(category_maps),), model.config.categories.index(name))
-                scores = model.score(torch.from_numpy(category_maps)[:, None], classes)
-                aurocs.append(image_auroc(labels[name], scores.numpy()))
-            figures[reference, k] = float(np.mean(aurocs))
-    best = max(figures, key=lambda rule: (figures[rule], rule == paper))
-    model.config.score_reference, model.config.top_k = best
-    return {"chosen": {"score_reference": best[0], "top_k": best[1]},
-            "scores": {f"{'reference' if r else 'map'} top-{k}": round(v, 4) for (r, k), v in figures.items()}}
+def select_score_rule(model: DeCoDiff, maps: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict:
+    """Choose the image score's rule by the mean validation image AUROC over the categories, given each one's
+    validation maps [N, H, W] and labels (training/score_rule.py; ties: the paper's map maximum)."""
+    def score_maps(name: str, category_maps: torch.Tensor) -> torch.Tensor:
+        classes = torch.full((len(category_maps),), model.config.categories.index(name))
+        return model.score(category_maps, classes)
+
+    return choose_score_rule(model, maps, labels, score_maps, PAPER_SCORE_RULE)

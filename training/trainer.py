@@ -10,8 +10,9 @@ given a synthetic anomaly:
 Around the loop, what makes the last checkpoint no lottery: an exponential moving average (EMA) of the
 weights; a validation set that needs no test data (good images held out of training, or validation/good,
 each also with a fixed-seed synthetic anomaly); every `validate_every` steps the EMA model, its BatchNorm
-statistics re-estimated on good images, is scored on it and the best is kept; at the end t_s is chosen on
-the same set. Test labels are never looked at.
+statistics re-estimated on good images, is scored on it and the best is kept; at the end t_s, the map's
+smoothing and the image score's rule (training/score_rule.py) are chosen on the same set. Test labels are
+never looked at.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ..models.diffusionad import DiffusionAD, ModelConfig, gaussian_kernel, smoo
 from ..models.presets import describe, preset
 from ..models.schedule import clamp
 from .data import detect_channels, find_train_images, find_validation_images, read_images
+from .score_rule import REFERENCE_IMAGES, choose_score_rule, rule_name
 from .synthesis import AnomalySynthesizer, SynthesisConfig, estimate_foreground
 
 log = logging.getLogger("diffad.train")
@@ -581,6 +583,10 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
     sigma_selection = (select_map_sigma(final, vset, cfg.map_sigma_candidates or
                                         map_sigma_candidates(final.config.map_sigma))
                        if vset is not None else None)
+    score_selection = None
+    if vset is not None:  # last: the reference is of the maps that the chosen t_s and smoothing make
+        fit_map_reference(final, images[:REFERENCE_IMAGES])
+        score_selection = select_score_rule(final, vset)
     final.eval().cpu()
     recent = history[-50:]
     summary = {
@@ -601,9 +607,10 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
         "in_channels": channels,
         "t_s": final.config.t_s,
         "map_sigma": final.config.map_sigma,
+        "score": {"top_k": final.config.top_k, "map_reference": final.config.score_reference},
         "validation": {"source": vset.source, "images": len(vset), "chosen": max(validations, key=_score)
                        if validations else None, "history": validations, "t_s_selection": t_s_selection,
-                       "map_sigma_selection": sigma_selection}
+                       "map_sigma_selection": sigma_selection, "score_rule": score_selection}
         if vset is not None else None,
         **{k: round(v, 3) for k, v in cost.items()},
         "torch": torch.__version__,
@@ -612,8 +619,9 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
     }
     ckpt.save_model(run_dir / ckpt.MODEL_FILE, final, {"step": chosen_step, "training": json.dumps(summary)})
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("trained %d steps in %.1f min (%.2f s/step); kept step %d, t_s %d, map sigma %g; model saved to %s",
-             step, elapsed / 60, summary["seconds_per_step"], chosen_step, final.config.t_s, final.config.map_sigma,
+    log.info("trained %d steps in %.1f min (%.2f s/step); kept step %d, t_s %d, map sigma %g, image score %s; "
+             "model saved to %s", step, elapsed / 60, summary["seconds_per_step"], chosen_step, final.config.t_s,
+             final.config.map_sigma, rule_name(final.config.score_reference, final.config.top_k),
              run_dir / ckpt.MODEL_FILE)
     return summary
 
@@ -655,6 +663,21 @@ def select_map_sigma(model: DiffusionAD, vset: ValidationSet, candidates: tuple[
     best = max(scores, key=lambda s: (scores[s], s == default))
     model.set_map_sigma(best)
     return {"chosen": best, "scores": {f"{s:g}": round(v, 4) for s, v in scores.items()}}
+
+
+@torch.inference_mode()
+def fit_map_reference(model: DiffusionAD, images: np.ndarray) -> None:
+    """Fit the score's map reference on the maps of good training images [N, H, W, C]."""
+    model.map_reference.fit(0, torch.from_numpy(predict(model, images, progress=False)[0])[:, None])
+
+
+def select_score_rule(model: DiffusionAD, vset: ValidationSet) -> dict:
+    """Choose the image score's rule on the validation set by its image AUROC (training/score_rule.py; ties:
+    the mean of the model's own top_k of the map). The map does not change: the networks run once."""
+    maps, _ = predict(model, vset.images, progress=False)
+    device = model.noise.device
+    return choose_score_rule(model, {"category": maps}, {"category": vset.labels},
+                             lambda _, m: model.score(m.to(device)).cpu(), (False, model.config.top_k))
 
 
 def map_sigma_candidates(default: float) -> tuple[float, ...]:
