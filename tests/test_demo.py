@@ -39,8 +39,9 @@ def test_make_demo_generates_trains_evaluates_exports_then_serves(tmp_path):
     dry = subprocess.run(["make", "-n", "-B", "demo", "PORT=8123", "VENV=" + str(tmp_path / "venv")],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
-    steps = ["-m diffad.training.demo_data runs/demo-data/weave --samples runs/demo-data",
-             "diffad train runs/demo-data/weave --out runs/demo --preset small --max-steps 100",
+    steps = ["-m diffad.training.demo_data runs/demo-data/weave --samples runs/demo-data --num-validation 32",
+             "diffad train runs/demo-data/weave --out runs/demo --preset small --image-size 64 --crop 0 "
+             "--max-steps 600",
              "diffad evaluate runs/demo runs/demo-data/weave",
              "diffad export runs/demo --out bundles/demo --overwrite",
              "diffad serve bundles/demo --host 127.0.0.1 --port 8123"]
