@@ -8,7 +8,13 @@ DeCo-Diff's training chooses among). Each gets its image AUROC on the run's vali
 images with fixed synthetic anomalies: what a choice may look at) and on the category's test set
 (reported only, never chosen on).
 
+The model's own candidates (training/score_rule.py: the maximum, the top-10, top-50 and its own top-k means,
+each of the map or of z) are marked apart: "candidate_choice" is what training chooses among them (ties: the
+method's own rule, "default_rule"), so its test figure against the default's is what that choice is worth.
+`--table` puts several results side by side, per category, with the mean and std over the runs.
+
     python bench/score_rules.py RUN DATA [--json OUT]
+    python bench/score_rules.py --table RESULT.json [RESULT.json ...]
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from diffad.evaluation.metrics import image_auroc
 from diffad.models import checkpoint as ckpt
 from diffad.models.map_reference import MapReference
 from diffad.training.data import find_validation_images
+from diffad.training.score_rule import SCORE_TOP_KS
 from diffad.training.trainer import holdout_split, load_training_images, run_validation_set
 
 TOP_K = (10, 50, 200, 1000)
@@ -62,14 +69,67 @@ def all_rules(maps: np.ndarray, reference: MapReference, top_ks: tuple[int, ...]
     return rules
 
 
+def rule_label(reference: bool, top_k: int) -> str:
+    """A candidate of training/score_rule.py under this script's rule names."""
+    return ("z " if reference else "") + ("max" if top_k == 1 else f"top-{top_k} mean")
+
+
+def default_rule(run_dir: str, model) -> tuple[bool, int]:
+    """The method's own rule: what training's choice keeps on a tie (its record, or for runs from before the
+    choice, the model's rule as it was: DeCo-Diff's maximum, DiffusionAD's top-k mean)."""
+    summary = Path(run_dir) / "train_summary.json"
+    rule = (json.loads(summary.read_text()).get("validation") or {}).get("score_rule") if summary.is_file() else None
+    if rule and "default" in rule:
+        return rule["default"]["score_reference"], rule["default"]["top_k"]
+    return (False, 1) if rule or getattr(model.config, "method", "") == "decodiff" else (False, model.config.top_k)
+
+
+def candidate_choice(validation: dict[str, float], default: tuple[bool, int]) -> str:
+    """The rule that training chooses among its candidates from these validation figures."""
+    candidates = [rule_label(r, k) for r in (False, True) for k in sorted({*SCORE_TOP_KS, default[1]})]
+    return max(candidates, key=lambda c: (validation[c], c == rule_label(*default)))
+
+
+def table(paths: list[str]) -> None:
+    """Per category: each run's default and chosen rule, validation / test, then mean and std over the runs."""
+    by_category: dict[str, list[dict]] = {}
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        by_category.setdefault(Path(result["data"]).name, []).append(result)
+    print("| category | runs | own rule: validation / test image AUROC | chosen rules | chosen: validation / test "
+          "| test gain |")
+    print("|---|---|---|---|---|---|")
+    for category, results in sorted(by_category.items()):
+        gain = figures(results, "test", "candidate_choice") - figures(results, "test", "default_rule")
+        cells = [f"{figures(results, 'validation', rule).mean():.3f} / {fmt(figures(results, 'test', rule))}"
+                 for rule in ("default_rule", "candidate_choice")]
+        rules = ", ".join(r["candidate_choice"] for r in results)
+        print(f"| `{category}` | {len(results)} | {cells[0]} | {rules} | {cells[1]} | {fmt(gain, signed=True)} |")
+
+
+def figures(results: list[dict], split: str, rule_key: str) -> np.ndarray:
+    """Each result's image AUROC on split ("validation" or "test") under the rule its rule_key names."""
+    return np.array([r[f"{split}_image_auroc"][r[rule_key]] for r in results])
+
+
+def fmt(values: np.ndarray, signed: bool = False) -> str:
+    mean = f"{values.mean():+.3f}" if signed else f"{values.mean():.3f}"
+    return f"{mean} ± {values.std(ddof=1):.3f}" if len(values) > 1 else mean
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir")
-    parser.add_argument("data_dir")
+    parser.add_argument("run_dir", nargs="?")
+    parser.add_argument("data_dir", nargs="?")
+    parser.add_argument("--table", nargs="+", metavar="RESULT", help="summarise results of this script instead")
     parser.add_argument("--reference", type=int, default=64, metavar="N",
                         help="training images whose per-pixel map mean and std centre the map (default 64)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
+    if args.table:
+        return table(args.table)
+    if not (args.run_dir and args.data_dir):
+        parser.error("give RUN and DATA, or --table")
 
     model = ckpt.load_model(args.run_dir)
     size, channels = model.config.image_size, model.config.in_channels
@@ -82,17 +142,20 @@ def main(argv: list[str] | None = None) -> None:
     reference.fit(0, torch.from_numpy(reference_images)[:, None])
     validation_maps, _ = predict(model, vset.images, desc="validation")
     test_maps, _ = predict(model, test.images, desc="test set")
-    top_ks = (*TOP_K, model.config.top_k)  # the model's own rule among them
+    default = default_rule(args.run_dir, model)
+    top_ks = (*TOP_K, model.config.top_k, default[1])  # the model's own rules among them
     validation = {k: image_auroc(vset.labels, v) for k, v in all_rules(validation_maps, reference, top_ks).items()}
     test_figures = {k: image_auroc(test.labels, v) for k, v in all_rules(test_maps, reference, top_ks).items()}
     for rule in validation:
         print(f"{rule:>26}: validation image AUROC {validation[rule]:.3f}   test {test_figures[rule]:.3f}")
     best = max(validation, key=validation.get)
-    print(f"validation would choose: {best}")
+    chosen = candidate_choice(validation, default)
+    print(f"validation would choose: {best}; among training's candidates: {chosen} (test {test_figures[chosen]:.3f}, "
+          f"the method's own {rule_label(*default)}: {test_figures[rule_label(*default)]:.3f})")
     emit({"command": shlex.join(["python", *sys.argv]), "run": str(args.run_dir), "data": str(args.data_dir),
           "validation_images": len(vset), "test_images": len(test.labels), "reference_images": len(reference_images),
-          "model_rule": ("z " if getattr(model.config, "score_reference", False) else "")
-          + ("max" if model.config.top_k == 1 else f"top-{model.config.top_k} mean"),
+          "model_rule": rule_label(getattr(model.config, "score_reference", False), model.config.top_k),
+          "default_rule": rule_label(*default), "candidate_choice": chosen,
           "validation_image_auroc": validation, "test_image_auroc": test_figures,
           "validation_choice": best, "machine": machine()}, args.json)
 
