@@ -33,7 +33,7 @@ from diffad.evaluation.metrics import image_auroc
 from diffad.models import checkpoint as ckpt
 from diffad.models.map_reference import MapReference
 from diffad.training.data import find_validation_images
-from diffad.training.score_rule import SCORE_TOP_KS
+from diffad.training.score_rule import best_rule, candidate_rules
 from diffad.training.trainer import holdout_split, load_training_images, run_validation_set
 
 TOP_K = (10, 50, 200, 1000)
@@ -86,8 +86,7 @@ def default_rule(run_dir: str, model) -> tuple[bool, int]:
 
 def candidate_choice(validation: dict[str, float], default: tuple[bool, int]) -> str:
     """The rule that training chooses among its candidates from these validation figures."""
-    candidates = [rule_label(r, k) for r in (False, True) for k in sorted({*SCORE_TOP_KS, default[1]})]
-    return max(candidates, key=lambda c: (validation[c], c == rule_label(*default)))
+    return rule_label(*best_rule({rule: validation[rule_label(*rule)] for rule in candidate_rules(default)}, default))
 
 
 def table(paths: list[str]) -> None:

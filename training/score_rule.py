@@ -32,17 +32,26 @@ def choose_score_rule(model: torch.nn.Module, maps: dict[str, np.ndarray], label
     the categories, given each category's validation maps [N, H, W] and labels; `default` wins ties.
     Returns the choice and every candidate's figure."""
     figures = {}
-    for reference in (False, True):
-        for k in sorted({*top_ks, default[1]}):
-            model.config.score_reference, model.config.top_k = reference, k
-            figures[reference, k] = float(np.mean([
-                image_auroc(labels[name], score_maps(name, torch.from_numpy(category_maps)[:, None]).numpy())
-                for name, category_maps in maps.items()]))
-    best = max(figures, key=lambda rule: (figures[rule], rule == default))
+    for reference, k in candidate_rules(default, top_ks):
+        model.config.score_reference, model.config.top_k = reference, k
+        figures[reference, k] = float(np.mean([
+            image_auroc(labels[name], score_maps(name, torch.from_numpy(category_maps)[:, None]).numpy())
+            for name, category_maps in maps.items()]))
+    best = best_rule(figures, default)
     model.config.score_reference, model.config.top_k = best
     return {"chosen": {"score_reference": best[0], "top_k": best[1]},
             "default": {"score_reference": default[0], "top_k": default[1]},
             "scores": {rule_name(r, k): round(v, 4) for (r, k), v in figures.items()}}
+
+
+def candidate_rules(default: tuple[bool, int], top_ks: tuple[int, ...] = SCORE_TOP_KS) -> list[tuple[bool, int]]:
+    """Every (score_reference, top_k) candidate, in the order ties are broken after the default."""
+    return [(reference, k) for reference in (False, True) for k in sorted({*top_ks, default[1]})]
+
+
+def best_rule(figures: dict[tuple[bool, int], float], default: tuple[bool, int]) -> tuple[bool, int]:
+    """The candidate with the best validation figure; `default` wins ties."""
+    return max(figures, key=lambda rule: (figures[rule], rule == default))
 
 
 def rule_name(reference: bool, top_k: int) -> str:
