@@ -291,7 +291,7 @@ def compare_backends(model, bundle, images_uint8: np.ndarray, batches: list[int]
     import torch
 
     from ..export.onnx_export import InferenceGraph
-    from ..export.parity import as_graph_input
+    from ..export.parity import as_graph_input, bundle_categories, graph_feed
     from .throughput import onnxruntime_session, summarise, time_batches
 
     spec = bundle.input
@@ -307,8 +307,10 @@ def compare_backends(model, bundle, images_uint8: np.ndarray, batches: list[int]
             with torch.inference_mode():
                 return graph(tensor)
 
-        def run_ort(images=images):
-            return session.run(None, {spec.name: images})
+        feed = graph_feed(session, images, bundle_categories(bundle, batch))
+
+        def run_ort(feed=feed):
+            return session.run(None, feed)
 
         ort_maps, ort_scores = run_ort()
         torch_maps, torch_scores = (t.numpy() for t in run_torch())
@@ -323,8 +325,9 @@ def compare_backends(model, bundle, images_uint8: np.ndarray, batches: list[int]
         ratios[str(batch)] = round(by_backend["onnxruntime-cpu"] / by_backend["torch-cpu-eager"], 3)
         if other is not None:
             other_images = as_graph_input(tile_batch(images_uint8, batch), against.input.dtype)
+            feed = graph_feed(other, other_images, bundle_categories(against, batch))
             row = {"backend": "onnxruntime-cpu", "model": against.name, **summarise(
-                time_batches(lambda x=other_images: other.run(None, {against.input.name: x}), seconds), batch)}
+                time_batches(lambda feed=feed: other.run(None, feed), seconds), batch)}
             against_rows.append(row)
             against_ratios[str(batch)] = round(by_backend["onnxruntime-cpu"] / row["images_per_s"], 3)
             log.info("%s (against) batch %d: %.2f images/s", against.name, batch, row["images_per_s"])

@@ -75,6 +75,7 @@ def onnxruntime_session(onnx_path: str | Path, threads: int | None = None,
 
 def bench_onnxruntime(bundle_dir: str | Path, batches: list[int], seconds: float, threads: int | None) -> dict:
     from ..export.bundle import load_bundle
+    from ..export.parity import bundle_categories, graph_feed
 
     bundle = load_bundle(bundle_dir)
     session = onnxruntime_session(bundle.onnx_path, threads)
@@ -84,7 +85,8 @@ def bench_onnxruntime(bundle_dir: str | Path, batches: list[int], seconds: float
         images = random_images(batch, spec.channels, spec.size)
         if spec.dtype == "float32":
             images = images.astype(np.float32) / 255.0
-        times = time_batches(lambda images=images: session.run(None, {spec.name: images}), seconds)
+        feed = graph_feed(session, images, bundle_categories(bundle, batch))  # a multi-category graph: its first
+        times = time_batches(lambda feed=feed: session.run(None, feed), seconds)
         rows.append({"backend": "onnxruntime-cpu", **summarise(times, batch)})
     return {"model": bundle.name, "input": [spec.channels, spec.size, spec.size], "threads": threads,
             "results": rows}

@@ -43,8 +43,9 @@ RUN_DIR/calibration.json; a run without one (run `diffad evaluate` first) is exp
 and a warning. With --tensorrt, also build and check a TensorRT engine for this machine's GPU.
 
 A DeCo-Diff run (--method decodiff) exports its deterministic correction (the UNet calls unrolled) as one
-graph per category, each checked the same way and with its own threshold (RUN_DIR/calibration.<category>.json
-for a multi-category model): `diffad serve` then serves each category as the model <name>.<category>.
+graph, checked the same way. A multi-category model's graph also takes each image's category index, and
+each category keeps its own threshold (RUN_DIR/calibration.<category>.json): `diffad serve` then serves each
+category as the model <name>.<category>, all on one set of weights and one batcher.
 """
 
 EXPORT_EPILOG = """\

@@ -6,11 +6,13 @@
     BUNDLE_DIR/model.safetensors    the PyTorch weights (so `diffad evaluate BUNDLE_DIR DATA` works too)
     BUNDLE_DIR/model.<gpu>.trt<version>.<fp16|fp32>.engine   TensorRT engines, where built
 
-A DeCo-Diff bundle ("method": "decodiff") trained on several categories holds one graph per category,
-model.<category>.onnx, each with its own calibrated threshold: bundle.json's `models` list names them, and a
-server serves each as a model of its own, named <bundle>.<category> (`Bundle.models`). The top-level
-`onnx`, `threshold` and `score_normalization` are the first category's, so a reader that knows one graph
-per bundle still sees a complete model.
+A DeCo-Diff bundle ("method": "decodiff") trained on several categories holds one graph, model.onnx, that
+takes each image's category as a second input (`category`, int64 [batch]: the index into `categories`), so
+one set of weights serves them all and a batch may mix them. bundle.json's `models` list gives each category
+its name (<bundle>.<category>), index and calibrated threshold; a server serves each as a model of its own
+(`Bundle.models`) on one backend and one batcher. The top-level `threshold` and `score_normalization` are
+the first category's. (Bundles exported before this held one graph per category, model.<category>.onnx,
+named in each `models` entry's `onnx`; they still load, and serve one backend per category.)
 
 bundle.json lists the SHA-256 of every other file in the folder; `load_bundle` checks them all, so a
 truncated copy or a swapped file is refused before a single image is scored. This module uses the
@@ -36,6 +38,7 @@ WEIGHTS_FILE = "model.safetensors"
 
 # The graph's interface, fixed by the bundle's schema.
 INPUT_NAME = "images"
+CATEGORY_INPUT = "category"  # a multi-category DeCo-Diff graph's second input: each image's category index
 MAP_OUTPUT, SCORE_OUTPUT = "anomaly_map", "score"
 INPUT_DTYPES = ("uint8", "float32")
 INPUT_RANGES = {"uint8": [0, 255], "float32": [0.0, 1.0]}
@@ -104,23 +107,33 @@ class Bundle:
     manifest: dict
     method: str = "diffusionad"
     category: str | None = None  # the class condition this model's graph was exported for (DeCo-Diff)
+    category_index: int | None = None  # with a shared graph (category_input): the index this model feeds it
 
     def models(self) -> tuple[Bundle, ...]:
         """The models this bundle serves: itself, or one per category of a multi-category bundle (each with
-        its own graph, threshold and name <bundle>.<category>; the folder and its files are shared)."""
+        its own name <bundle>.<category>, threshold and category index into the shared graph, or, in a bundle
+        from before the shared graph, its own graph; the folder and its files are shared)."""
         entries = self.manifest.get("models")
         if not entries:
             return (self,)
         views = []
-        for entry in entries:
+        for index, entry in enumerate(entries):
             try:
                 manifest = {**self.manifest, "name": entry["name"], "category": entry["category"],
-                            "onnx": entry["onnx"], "threshold": entry["threshold"],
+                            "onnx": entry.get("onnx", self.manifest["onnx"]), "threshold": entry["threshold"],
                             "score_normalization": entry["score_normalization"], "engines": [], "models": []}
-            except (KeyError, TypeError) as e:
+                if "onnx" not in entry:  # the shared graph: this model is one index of its category input
+                    manifest["category_index"] = int(entry.get("category_index", index))
+            except (KeyError, TypeError, ValueError) as e:
                 raise BundleError(f"{self.path / MANIFEST_FILE}: an entry of `models` lacks {e}") from e
             views.append(_bundle_from_manifest(self.path, manifest))
         return tuple(views)
+
+    @property
+    def category_input(self) -> str | None:
+        """The graph's category input (CATEGORY_INPUT) when it takes one: a multi-category bundle's shared
+        graph, which every one of its models feeds with its own category_index."""
+        return self.manifest["onnx"].get("category_input")
 
     @property
     def onnx_path(self) -> Path:
@@ -257,7 +270,7 @@ def verify_files(bundle_dir: str | Path, manifest: dict) -> None:
     bundle_dir = Path(bundle_dir)
     files: dict[str, str] = manifest["files"]
     referenced = [manifest["onnx"]["file"]] + [e["file"] for e in manifest["engines"]]
-    referenced += [m["onnx"]["file"] for m in manifest.get("models") or []]
+    referenced += [m["onnx"]["file"] for m in manifest.get("models") or [] if "onnx" in m]
     for name in referenced:
         if name not in files:
             raise BundleError(f"{bundle_dir / MANIFEST_FILE} does not list a hash for {name}")
@@ -275,7 +288,8 @@ def load_bundle(bundle_dir: str | Path, verify: bool = True) -> Bundle:
     """Read and check a bundle: schema version, required fields and (unless verify=False) every hash."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
-    for entry in [manifest["onnx"], *manifest["engines"], *[m["onnx"] for m in manifest.get("models") or []]]:
+    for entry in [manifest["onnx"], *manifest["engines"], *[m["onnx"] for m in manifest.get("models") or []
+                                                              if isinstance(m, dict) and "onnx" in m]]:
         contained_path(bundle_dir, entry["file"])  # what the backends open, even unverified
     if verify:
         verify_files(bundle_dir, manifest)
@@ -302,7 +316,7 @@ def _bundle_from_manifest(bundle_dir: Path, manifest: dict) -> Bundle:
             noise_seed=_optional(manifest.get("noise_seed"), int), top_k=_optional(manifest.get("top_k"), int),
             threshold=None if threshold is None else float(threshold), normalization=normalization,
             engines=tuple(manifest["engines"]), manifest=manifest, method=manifest.get("method", "diffusionad"),
-            category=manifest.get("category"))
+            category=manifest.get("category"), category_index=_optional(manifest.get("category_index"), int))
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{bundle_dir / MANIFEST_FILE} has a malformed field: {e!r}") from e
 

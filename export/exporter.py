@@ -26,12 +26,15 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from .. import __version__
 from ..evaluation.d3ad import EXPORT_MODES, calibrate_d3ad, good_images_for, read_good_images
 from ..evaluation.evaluate import Calibration, load_calibration
 from ..models import checkpoint as ckpt
 from ..models.map_reference import STD_FLOOR
 from .bundle import (
+    CATEGORY_INPUT,
     INPUT_DTYPES,
     ONNX_FILE,
     ONNX_FP16_FILE,
@@ -43,7 +46,7 @@ from .bundle import (
     normalization_from_calibration,
     seal_bundle,
 )
-from .onnx_export import DEFAULT_OPSET, MIN_OPSET, export_onnx, with_category
+from .onnx_export import DEFAULT_OPSET, MIN_OPSET, export_onnx
 from .parity import (
     TENSORRT_TOLERANCES,
     as_graph_input,
@@ -145,10 +148,11 @@ CATEGORY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def export_decodiff_bundle(model, run_dir: Path, out_dir: Path, options: ExportOptions) -> dict:
-    """A DeCo-Diff run's bundle: per category, the whole deterministic correction (its UNet calls unrolled,
-    the category's class embedding a constant) as one graph, checked for parity and batch independence, with
-    that category's calibrated threshold. One category: model.onnx, as DiffusionAD's; several:
-    model.<category>.onnx each, listed in bundle.json's `models` (served as <name>.<category>)."""
+    """A DeCo-Diff run's bundle: the whole deterministic correction (its UNet calls unrolled) as one graph,
+    model.onnx, checked for parity and batch independence. One category: the category is a constant of the
+    graph, as DiffusionAD's bundle. Several: the graph takes each image's category index as a second input
+    (one set of weights for all, batches may mix them), and bundle.json's `models` gives each category its
+    name <bundle>.<category>, its index and its calibrated threshold."""
     if options.mode != "one-step":
         raise ValueError(f"--mode {options.mode} is a DiffusionAD reconstruction; a DeCo-Diff run exports its "
                          "own correction (leave --mode out)")
@@ -162,38 +166,42 @@ def export_decodiff_bundle(model, run_dir: Path, out_dir: Path, options: ExportO
     categories = list(cfg.categories)
     for category in categories:
         if not CATEGORY_NAME.fullmatch(category):
-            raise ValueError(f"category {category!r} cannot name a graph file or a served model (letters, digits, "
-                             "'_', '.', '-'): rename its folder and train again")
+            raise ValueError(f"category {category!r} cannot name a served model (letters, digits, '_', '.', '-'): "
+                             "rename its folder and train again")
     name = options.name or run_dir.resolve().name
     several = len(categories) > 1
     staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        images = parity_images(cfg.image_size, cfg.in_channels, count=max(options.parity_batch_sizes))
-        graphs, first_export = [], None
+        count = max(options.parity_batch_sizes)
+        images = parity_images(cfg.image_size, cfg.in_channels, count=count)
+        # several categories: every batch of the parity check mixes them, so a graph that mixed up the
+        # images' categories (or let one image's category reach another's result) would fail it
+        indices = np.arange(count, dtype=np.int64) % len(categories) if several else None
+        model.set_category(categories[0])
+        onnx_info = export_onnx(model, staging / ONNX_FILE, options.input_dtype, options.opset,
+                                category_input=several)
+        parity = onnx_vs_torch(model, staging / ONNX_FILE, options.input_dtype, images, options.parity_batch_sizes,
+                               categories=indices)
+        if not parity["passed"]:
+            raise ParityError("the ONNX graph does not match the PyTorch model: " + "; ".join(parity["failures"])
+                              + f". No bundle was written to {out_dir}")
+        graphs = []
         for index, category in enumerate(categories):
-            model.set_category(category)
-            path = staging / (f"model.{category}.onnx" if several else ONNX_FILE)
-            if first_export is None:
-                onnx_info = first_export = export_onnx(model, path, options.input_dtype, options.opset)
-            else:  # the same graph with another category constant; checked below as the first one is
-                onnx_info = with_category(first_export, path, index)
-            parity = onnx_vs_torch(model, path, options.input_dtype, images, options.parity_batch_sizes)
-            if not parity["passed"]:
-                raise ParityError(f"the ONNX graph of category {category} does not match the PyTorch model: "
-                                  + "; ".join(parity["failures"]) + f". No bundle was written to {out_dir}")
             calibration = load_calibration(run_dir, category if several else None)
             if calibration is None:
                 log.warning("%s has no calibration for %s: its threshold is null; run `diffad evaluate %s "
                             "DATA_DIR...` first, then export again", run_dir, category, run_dir)
             cal = None if calibration is None else calibration.to_dict()
             graphs.append({"name": f"{name}.{category}" if several else name, "category": category,
-                           "onnx": {**onnx_info.to_dict(), "parity": parity},
-                           "threshold": None if cal is None else float(cal["threshold"]),
+                           "category_index": index, "threshold": None if cal is None else float(cal["threshold"]),
                            "score_normalization": normalization_from_calibration(cal)})
         shutil.copyfile(run_dir / ckpt.MODEL_FILE, staging / WEIGHTS_FILE)
         first = graphs[0]
+        onnx_block = {**onnx_info.to_dict(), "parity": parity}
+        if several:
+            onnx_block["category_input"] = CATEGORY_INPUT
         manifest = {
             **_common_manifest(model, run_dir, options, name),
             "method": "decodiff",
@@ -202,11 +210,16 @@ def export_decodiff_bundle(model, run_dir: Path, out_dir: Path, options: ExportO
             "score": {"top_k": cfg.top_k, "map_reference": cfg.score_reference},
             "categories": categories,
             "category": first["category"],
+            "category_index": 0,
             "threshold": first["threshold"],
             "score_normalization": first["score_normalization"],
-            "onnx": first["onnx"],
+            "onnx": onnx_block,
             "models": graphs if several else [],
         }
+        if several:
+            manifest["input"] = {**manifest["input"], "category": {
+                "name": CATEGORY_INPUT, "dtype": "int64", "shape": ["batch"],
+                "meaning": "each image's index into `categories`; every entry of `models` feeds its own"}}
         seal_bundle(staging, manifest)
         _move_into_place(staging, out_dir)
     finally:

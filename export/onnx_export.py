@@ -17,7 +17,6 @@ com.microsoft fused operators (FusedConv, QuickGelu) that only ONNX Runtime's CP
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import shutil
 import tempfile
@@ -25,15 +24,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 
-from ..models.decodiff import CATEGORY_OFFSET
 from ..models.diffusionad import DiffusionAD
-from .bundle import INPUT_DTYPES, INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT
+from .bundle import CATEGORY_INPUT, INPUT_DTYPES, INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT
 
 log = logging.getLogger("diffad.export")
 
@@ -46,25 +43,29 @@ OPTIMIZATION = "onnxruntime ORT_ENABLE_BASIC (offline, standard ONNX operators o
 EXAMPLE_BATCH = 2    # torch.export specialises a batch of 1; any other size keeps the axis symbolic
 NETWORK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 MAX_BATCH = 4096     # the symbolic batch's upper bound, recorded in the graph; engines choose their own
-# DeCo-Diff's category (DeCoDiff.category_index, under InferenceGraph.model): an initializer of the graph
-CATEGORY_CONSTANT = "model.category_index"
 
 
 class InferenceGraph(nn.Module):
     """A model's whole inference behind the bundle's input contract (uint8 or float32 NCHW): DiffusionAD's
-    one-step pipeline, or DeCo-Diff's correction (models/decodiff.py: its UNet calls unrolled, the category a
-    constant), each a module whose forward takes images in [0, 1] and returns (map, score)."""
+    one-step pipeline, or DeCo-Diff's correction (models/decodiff.py: its UNet calls unrolled), each a module
+    whose forward takes images in [0, 1] and returns (map, score). With `category_input` (a multi-category
+    DeCo-Diff model) the graph takes each image's category index as a second input; without, a DeCo-Diff
+    graph holds its model's category as a constant."""
 
-    def __init__(self, model: DiffusionAD, input_dtype: str = "uint8"):
+    def __init__(self, model: DiffusionAD, input_dtype: str = "uint8", category_input: bool = False):
         super().__init__()
         if input_dtype not in INPUT_DTYPES:
             raise ValueError(f"input dtype must be one of {', '.join(INPUT_DTYPES)}, got {input_dtype!r}")
         self.model = model
         self.input_dtype = input_dtype
+        self.category_input = category_input
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor,
+                categories: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.input_dtype == "uint8":
             images = images.to(torch.float32) / 255.0
+        if self.category_input:  # DeCo-Diff: each image's class embedding and map reference, gathered by index
+            return self.model(images, categories)
         # DiffusionAD.forward is the pipeline: normalise, noise at t_s and t_l with the fixed noise buffer,
         # one batched UNet call, guided blend + clip, segmentation, sigmoid, top-k mean.
         return self.model(images)
@@ -97,9 +98,17 @@ def example_batch(model: DiffusionAD, input_dtype: str, batch: int = EXAMPLE_BAT
     return torch.rand(shape, generator=g)
 
 
+def example_categories(model, batch: int = EXAMPLE_BATCH) -> torch.Tensor:
+    """Category indices for the example batch, as the graph's category input takes them (int64 [batch])."""
+    return torch.arange(batch, dtype=torch.int64) % len(model.config.categories)
+
+
 def export_onnx(model: DiffusionAD, path: str | Path, input_dtype: str = "uint8",
-                opset: int = DEFAULT_OPSET, network_dtype: str = "float32") -> OnnxExport:
+                opset: int = DEFAULT_OPSET, network_dtype: str = "float32",
+                category_input: bool = False) -> OnnxExport:
     """Export, check and optimise the one-step pipeline into `path` (a single self-contained .onnx file).
+    category_input: a multi-category DeCo-Diff model's graph, which takes each image's category index as its
+    second input (CATEGORY_INPUT) instead of holding one category as a constant.
 
     network_dtype "float16" writes the mixed-precision graph that TensorRT 11 builds fp16 engines from (it
     has no FP16 builder flag: a strongly typed network computes in the types the graph states): both networks
@@ -115,17 +124,21 @@ def export_onnx(model: DiffusionAD, path: str | Path, input_dtype: str = "uint8"
     model = model.eval()  # BatchNorm must use its running statistics, not the batch's
     if network_dtype != "float32":
         model = copy.deepcopy(model).set_network_dtype(NETWORK_DTYPES[network_dtype])
-    graph = InferenceGraph(model, input_dtype).eval()
+    graph = InferenceGraph(model, input_dtype, category_input).eval()
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    args, input_names, dynamic_shapes = (example_batch(model, input_dtype),), [INPUT_NAME], ({0: batch},)
+    if category_input:
+        args, input_names, dynamic_shapes = (*args, example_categories(model)), [*input_names, CATEGORY_INPUT], \
+            (*dynamic_shapes, {0: batch})
     with tempfile.TemporaryDirectory(prefix="diffad-onnx-") as tmp:
         raw = Path(tmp) / "exported.onnx"
         log.info("exporting the %s pipeline to ONNX (opset %d, %s input)",
                  getattr(model.config, "method", "diffusionad"), opset, input_dtype)
         with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
-                graph, (example_batch(model, input_dtype),), dynamo=True, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[MAP_OUTPUT, SCORE_OUTPUT],
-                dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+                graph, args, dynamo=True, opset_version=opset,
+                input_names=input_names, output_names=[MAP_OUTPUT, SCORE_OUTPUT],
+                dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
         program.save(str(raw), external_data=False)
         onnx.checker.check_model(str(raw), full_check=True)
         got = _default_opset(onnx.load(str(raw), load_external_data=False))
@@ -135,7 +148,7 @@ def export_onnx(model: DiffusionAD, path: str | Path, input_dtype: str = "uint8"
             optimize_onnx(raw, path)
         else:
             shutil.copyfile(raw, path)
-    check_interface(path, model.config.in_channels, model.config.image_size, input_dtype)
+    check_interface(path, model.config.in_channels, model.config.image_size, input_dtype, category_input)
     num_nodes = len(onnx.load(str(path), load_external_data=False).graph.node)
     log.info("wrote %s (%d nodes, %.1f MB, networks in %s)", path, num_nodes, path.stat().st_size / 1e6,
              network_dtype)
@@ -169,15 +182,23 @@ def _default_opset(model: onnx.ModelProto) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def check_interface(path: Path, channels: int, size: int, input_dtype: str) -> None:
-    """The saved graph has the bundle's contract: one input `images`, outputs map and score, dynamic batch."""
+def check_interface(path: Path, channels: int, size: int, input_dtype: str, category_input: bool = False) -> None:
+    """The saved graph has the bundle's contract: input `images` (and, for a multi-category graph, `category`,
+    int64 [batch]), outputs map and score, dynamic batch."""
     model = onnx.load(str(path), load_external_data=False)
     elem = {"uint8": onnx.TensorProto.UINT8, "float32": onnx.TensorProto.FLOAT}[input_dtype]
     inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    expected = [INPUT_NAME, CATEGORY_INPUT] if category_input else [INPUT_NAME]
     problems = []
-    if [i.name for i in inputs] != [INPUT_NAME]:
-        problems.append(f"inputs are {[i.name for i in inputs]}, expected ['{INPUT_NAME}']")
+    if [i.name for i in inputs] != expected:
+        problems.append(f"inputs are {[i.name for i in inputs]}, expected {expected}")
     else:
+        if category_input:
+            tensor = inputs[1].type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+            if tensor.elem_type != onnx.TensorProto.INT64 or len(dims) != 1 or not isinstance(dims[0], str):
+                problems.append(f"input {CATEGORY_INPUT} is {onnx.TensorProto.DataType.Name(tensor.elem_type)} "
+                                f"{dims}, expected int64 [batch]")
         tensor = inputs[0].type.tensor_type
         dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
         if tensor.elem_type != elem:
@@ -211,23 +232,3 @@ class _quiet_exporter:
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
         return False
-
-
-def with_category(export: OnnxExport, target: str | Path, index: int) -> OnnxExport:
-    """A copy of an exported DeCo-Diff graph that takes every image for category `index`: the same graph
-    with its category constant changed. Exporting again per category would take as long as the first export
-    (tens of seconds each); the copy is checked for parity like any graph (export/exporter.py)."""
-    target = Path(target)
-    proto = onnx.load(str(export.path))
-    found = [i for i in proto.graph.initializer if i.name == CATEGORY_CONSTANT]
-    if len(found) != 1:
-        raise RuntimeError(f"{export.path} has no initializer {CATEGORY_CONSTANT!r}: the exporter or the optimiser "
-                           "changed how the category is held; export each category on its own")
-    users = [n.op_type for n in proto.graph.node if CATEGORY_CONSTANT in n.input]
-    if users != ["Expand"]:  # shared with an equal constant elsewhere, changing it would change that too
-        raise RuntimeError(f"{export.path}: {CATEGORY_CONSTANT!r} feeds {users}, not one Expand: export each "
-                           "category on its own")
-    found[0].CopyFrom(onnx.numpy_helper.from_array(np.array(CATEGORY_OFFSET + index, dtype=np.int64),
-                                                   CATEGORY_CONSTANT))
-    onnx.save(proto, str(target))
-    return dataclasses.replace(export, path=target)

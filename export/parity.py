@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bundle import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT
+from .bundle import CATEGORY_INPUT, INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT
 
 log = logging.getLogger("diffad.export")
 
-# images (NCHW, the graph's dtype) -> (maps [N, 1, H, W], scores [N]), both float32
-Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+# images (NCHW, the graph's dtype) -> (maps [N, 1, H, W], scores [N]), both float32. A runner of a
+# multi-category graph also takes the images' category indices (int64 [N]): runner(images, categories).
+Runner = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -67,26 +68,50 @@ def as_graph_input(images_uint8: np.ndarray, input_dtype: str) -> np.ndarray:
     return images_uint8.astype(np.float32) / np.float32(255.0)
 
 
+def graph_feed(session, images: np.ndarray, categories: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The inputs of one call of an ONNX Runtime session on a bundle's graph: the images and, for a graph
+    that takes each image's category (a multi-category bundle), their category indices, which it needs."""
+    feed = {INPUT_NAME: images}
+    if any(i.name == CATEGORY_INPUT for i in session.get_inputs()):
+        if categories is None:
+            raise ValueError(f"this graph takes each image's category ({CATEGORY_INPUT!r}): give the indices")
+        feed[CATEGORY_INPUT] = np.asarray(categories, dtype=np.int64).reshape(len(images))
+    return feed
+
+
+def bundle_categories(bundle, count: int) -> np.ndarray | None:
+    """What a bundle's model feeds its graph's category input for `count` images: its own category index
+    (a model of a multi-category bundle; the first category for the bundle itself), or None where the graph
+    takes the images alone."""
+    if bundle.category_input is None:
+        return None
+    return np.full(count, bundle.category_index or 0, dtype=np.int64)
+
+
 def onnxruntime_runner(onnx_path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Runner:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=list(providers))
 
-    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        maps, scores = session.run([MAP_OUTPUT, SCORE_OUTPUT], {INPUT_NAME: images})
+    def run(images: np.ndarray, categories: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = session.run([MAP_OUTPUT, SCORE_OUTPUT], graph_feed(session, images, categories))
         return maps, scores
 
     return run
 
 
-def run_in_batches(runner: Runner, images: np.ndarray, batch_size: int,
-                   whole_batches_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Run batches of batch_size over the images; by default a remainder is left out, so that every
-    call has exactly batch_size images (what a parity check at that batch size means)."""
+def run_in_batches(runner: Runner, images: np.ndarray, batch_size: int, whole_batches_only: bool = True,
+                   categories: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Run batches of batch_size over the images (and their categories, for a multi-category graph); by
+    default a remainder is left out, so that every call has exactly batch_size images (what a parity check
+    at that batch size means)."""
     usable = len(images) // batch_size * batch_size if whole_batches_only else len(images)
     if usable == 0:
         raise ValueError(f"need at least {batch_size} images for batch size {batch_size}, got {len(images)}")
-    results = [runner(images[i:min(i + batch_size, usable)]) for i in range(0, usable, batch_size)]
+    results = []
+    for i in range(0, usable, batch_size):
+        batch = slice(i, min(i + batch_size, usable))
+        results.append(runner(images[batch]) if categories is None else runner(images[batch], categories[batch]))
     return np.concatenate([m for m, _ in results]), np.concatenate([s for _, s in results])
 
 
@@ -95,14 +120,16 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def compare(reference: tuple[np.ndarray, np.ndarray], candidate: Runner, images: np.ndarray,
-            batch_sizes: Sequence[int], tolerance: Tolerance, reference_name: str, candidate_name: str) -> dict:
-    """The candidate at each batch size against the reference's (maps, scores) for the same images."""
+            batch_sizes: Sequence[int], tolerance: Tolerance, reference_name: str, candidate_name: str,
+            categories: np.ndarray | None = None) -> dict:
+    """The candidate at each batch size against the reference's (maps, scores) for the same images (of
+    these categories, for a multi-category graph: batches then mix them)."""
     ref_maps, ref_scores = reference
     report = {"reference": reference_name, "candidate": candidate_name, "images": len(images),
               "tolerance": tolerance.to_dict(), "batches": {}, "failures": []}
     per_batch = {}
     for b in sorted(set(batch_sizes)):
-        maps, scores = run_in_batches(candidate, images, b)
+        maps, scores = run_in_batches(candidate, images, b, categories=categories)
         n = len(scores)
         if maps.shape != ref_maps[:n].shape or scores.shape != ref_scores[:n].shape:
             report["failures"].append(f"batch {b}: shapes {maps.shape}, {scores.shape} differ from the "
@@ -138,8 +165,10 @@ def _check(report: dict, what: str, figures: dict, tolerance: Tolerance) -> None
 
 
 def onnx_vs_torch(model, onnx_path, input_dtype: str, images_uint8: np.ndarray | None = None,
-                  batch_sizes: Sequence[int] = (1, 8), tolerance: Tolerance = ONNX_TOLERANCE) -> dict:
-    """ONNX Runtime (CPU) against the PyTorch model on the same images; see `compare` for the report."""
+                  batch_sizes: Sequence[int] = (1, 8), tolerance: Tolerance = ONNX_TOLERANCE,
+                  categories: np.ndarray | None = None) -> dict:
+    """ONNX Runtime (CPU) against the PyTorch model on the same images; see `compare` for the report.
+    categories: for a multi-category graph, each image's category index (mixed within every batch)."""
     import torch
 
     cfg = model.config
@@ -148,14 +177,15 @@ def onnx_vs_torch(model, onnx_path, input_dtype: str, images_uint8: np.ndarray |
     model.eval()
 
     @torch.inference_mode()
-    def run_torch(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        maps, scores = model(torch.from_numpy(images).float() / 255.0)
+    def run_torch(images: np.ndarray, classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        batch = torch.from_numpy(images).float() / 255.0
+        maps, scores = model(batch) if classes is None else model(batch, torch.from_numpy(classes))
         return maps.numpy(), scores.numpy()
 
-    reference = run_in_batches(run_torch, images_uint8, 8, whole_batches_only=False)
+    reference = run_in_batches(run_torch, images_uint8, 8, whole_batches_only=False, categories=categories)
     report = compare(reference, onnxruntime_runner(onnx_path), as_graph_input(images_uint8, input_dtype),
                      batch_sizes, tolerance, f"pytorch {torch.__version__} (fp32, CPU)",
-                     "onnxruntime CPUExecutionProvider")
+                     "onnxruntime CPUExecutionProvider", categories=categories)
     log_report(report)
     return report
 

@@ -1,4 +1,6 @@
 """Inference backends behind one interface: a uint8 NCHW batch in, (maps [B, 1, H, W], scores [B]) out.
+A multi-category bundle's shared graph also takes each image's category index (int64 [B]); the onnxruntime
+and torch backends feed it, and the others refuse such a bundle when opened.
 
     onnxruntime  the bundle's model.onnx; the CPU by default, CUDA when onnxruntime-gpu sees a GPU
     tensorrt     a native TensorRT engine built for this GPU: from the bundle's `engines` or from the
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..export.bundle import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, WEIGHTS_FILE, Bundle
+from ..export.bundle import CATEGORY_INPUT, INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, WEIGHTS_FILE, Bundle
 from .batcher import UpstreamError
 from .settings import Settings
 
@@ -47,17 +49,32 @@ class Backend(ABC):
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
         self._float_input = bundle.input.dtype == "float32"
+        self.takes_categories = bundle.category_input is not None  # a multi-category bundle's shared graph
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """images: uint8 [B, C, H, W] at the model's size -> (float32 maps [B, 1, H, W], float32 scores [B])."""
+    def __call__(self, images: np.ndarray, categories: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """images: uint8 [B, C, H, W] at the model's size (and, for a multi-category bundle, each image's
+        category index, int64 [B]) -> (float32 maps [B, 1, H, W], float32 scores [B])."""
         if self._float_input:  # a float32-input graph takes 0..1; the uint8 graph divides by 255 itself
             images = images.astype(np.float32) / np.float32(255.0)
-        maps, scores = self.run(images)
+        if self.takes_categories:
+            if categories is None or len(categories) != len(images):
+                raise ValueError(f"model {self.bundle.name} takes each image's category: give one index per image")
+            maps, scores = self.run(images, np.ascontiguousarray(categories, dtype=np.int64))
+        else:
+            maps, scores = self.run(images)
         return np.asarray(maps, dtype=np.float32), np.asarray(scores, dtype=np.float32).reshape(-1)
 
     @abstractmethod
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The graph's own input dtype in, (maps, scores) out."""
+    def run(self, images: np.ndarray, categories: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The graph's own input dtype in (with the category indices where the graph takes them), (maps,
+        scores) out."""
+
+    def refuse_categories(self) -> None:
+        """For backends that feed the images alone: a shared multi-category graph cannot run on them."""
+        if self.takes_categories:
+            raise BackendUnavailable(f"model {self.bundle.name} is one category of a multi-category bundle whose "
+                                     f"graph takes the category as an input: the {self.name} backend does not "
+                                     "feed it; serve it with DIFFAD_BACKEND=onnxruntime or torch")
 
     def close(self) -> None:  # noqa: B027 - most backends hold nothing to free
         """Free what the backend holds (device memory, sessions)."""
@@ -105,8 +122,9 @@ class OnnxRuntimeBackend(Backend):
         self.device = "cuda" if "CUDAExecutionProvider" in used else "cpu"
         self.threads = threads
 
-    def run(self, images):
-        maps, scores = self.session.run([MAP_OUTPUT, SCORE_OUTPUT], {INPUT_NAME: images})
+    def run(self, images, categories=None):
+        feed = {INPUT_NAME: images} if categories is None else {INPUT_NAME: images, CATEGORY_INPUT: categories}
+        maps, scores = self.session.run([MAP_OUTPUT, SCORE_OUTPUT], feed)
         return maps, scores
 
     def describe(self) -> str:
@@ -145,8 +163,11 @@ def find_engine(bundle: Bundle, engine_cache) -> tuple[EngineChoice | None, str]
 
 
 class TensorRTBackend(Backend):
+    name = "tensorrt"
+
     def __init__(self, bundle: Bundle, choice: EngineChoice):
         super().__init__(bundle)
+        self.refuse_categories()
         from ..export.tensorrt_engine import EngineRunner, load_engine
 
         self.record = choice.record
@@ -157,7 +178,7 @@ class TensorRTBackend(Backend):
         self.device, self.precision = "cuda", str(choice.record["precision"])
         self.source = choice.source
 
-    def run(self, images):
+    def run(self, images, categories=None):
         count = len(images)
         if count < self.min_batch_size:  # below the profile: pad with copies, drop their results
             images = np.concatenate([images, np.repeat(images[-1:], self.min_batch_size - count, axis=0)])
@@ -212,12 +233,17 @@ class BatchGraphs:
             self.graphs[size] = self.capture(size)
         return self.graphs[size]
 
-    def __call__(self, images):
+    def __call__(self, images, categories=None):
+        """categories: for a multi-category model, each image's index (padded alike, passed on)."""
         count = len(images)
         size = self.bucket(count)
         if size > count:
-            images = images[list(range(count)) + [count - 1] * (size - count)]
-        return tuple(out[:count] for out in self._graph(size)(images))
+            padded = list(range(count)) + [count - 1] * (size - count)
+            images = images[padded]
+            categories = None if categories is None else categories[padded]
+        graph = self._graph(size)
+        outputs = graph(images) if categories is None else graph(images, categories)
+        return tuple(out[:count] for out in outputs)
 
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -268,7 +294,9 @@ class TorchBackend(Backend):
         native_bf16 = kind == "cpu" and cpu_computes_bf16()
         self.precision = torch_precision(precision, kind, native_bf16)
         model = load_model(bundle.path / WEIGHTS_FILE).to(self.device).eval()
-        if bundle.category is not None:  # one model per category of a multi-category DeCo-Diff bundle
+        # a one-category bundle, or one category of an older bundle's graph per category; a shared
+        # multi-category graph gets each image's category with its batch instead
+        if bundle.category is not None and not self.takes_categories:
             model.set_category(bundle.category)
         model.set_network_dtype(getattr(torch, TORCH_DTYPES[self.precision]))
         self.channels_last = kind == "cuda"  # NHWC is what tensor-core convolutions read
@@ -302,27 +330,36 @@ class TorchBackend(Backend):
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode(), torch.cuda.stream(stream):
+            warm_classes = torch.zeros(size, dtype=torch.int64, device=self.device) if self.takes_categories else None
             for _ in range(3):  # outside the capture: cuDNN and compile choose their kernels here
-                self.forward(self._to_model(static_in))
+                self._forward(self._to_model(static_in), warm_classes)
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        # a multi-category model: the images' category indices are a captured input too
+        static_classes = torch.zeros(size, dtype=torch.int64, device=self.device) if self.takes_categories else None
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._graph_pool):
-            static_out = self.forward(self._to_model(static_in))
+            static_out = self._forward(self._to_model(static_in), static_classes)
 
-        def replay(images):
+        def replay(images, classes=None):
             static_in.copy_(images)
+            if static_classes is not None:
+                static_classes.copy_(classes)
             graph.replay()
             return static_out
 
         return replay
 
-    def run(self, images):
+    def _forward(self, batch, classes=None):
+        return self.forward(batch) if classes is None else self.forward(batch, classes)
+
+    def run(self, images, categories=None):
         torch = self.torch
+        classes = None if categories is None else torch.from_numpy(categories).to(self.device)
         with torch.inference_mode():
             if self.graphs is not None:
-                maps, scores = self.graphs(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
+                maps, scores = self.graphs(torch.from_numpy(np.ascontiguousarray(images)).to(self.device), classes)
             else:
-                maps, scores = self.forward(self._to_model(np.ascontiguousarray(images)))
+                maps, scores = self._forward(self._to_model(np.ascontiguousarray(images)), classes)
             # copied out before the next replay overwrites the graph's outputs
             return maps.float().cpu().numpy(), scores.float().cpu().numpy()
 
@@ -360,8 +397,11 @@ class TritonBackend(Backend):
     not thread-safe.
     """
 
+    name = "triton"
+
     def __init__(self, bundle: Bundle, url: str, timeout_s: float):
         super().__init__(bundle)
+        self.refuse_categories()
         self.protocol, self.address = parse_triton_url(url)
         try:
             if self.protocol == "grpc":
@@ -416,7 +456,7 @@ class TritonBackend(Backend):
         self.precision = "tensorrt" if config.get("platform") == "tensorrt_plan" else str(
             config.get("backend") or config.get("platform") or "unknown")
 
-    def run(self, images):
+    def run(self, images, categories=None):
         client = self._client_module
         http = self.protocol == "http"
         binary = {"binary_data": True} if http else {}  # HTTP's binary tensor extension; gRPC is binary anyway

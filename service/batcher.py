@@ -16,6 +16,8 @@ keeps serving meanwhile) and answers each request with its own row of the result
   outcome (`on_batch`) so that the registry can tell a model whose backend keeps failing.
 - A worker that dies of a bug fails the requests it held at once, and a new one takes the queue.
 - close() stops intake and lets the worker finish everything already queued (graceful shutdown).
+- The categories of a multi-category bundle share one batcher (and one backend): each request carries its
+  category index, and a batch may mix them (the graph takes one index per image).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from .tracing import current_span_context, record_batch
 
 log = logging.getLogger("diffad.service")
 
-RunBatch = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+# images [B, C, H, W] (and, with categories, their indices [B]) -> (maps, scores)
+RunBatch = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
 class QueueFullError(RuntimeError):
@@ -86,6 +89,7 @@ class _Pending:
     deadline: float
     span_context: SpanContext = INVALID_SPAN_CONTEXT  # the request's span, when traced
     enqueued_ns: int = 0  # wall clock, for the queue-wait span
+    category: int | None = None  # the image's category index, for a multi-category bundle's shared graph
 
 
 _STOP = object()
@@ -176,9 +180,11 @@ class DynamicBatcher:
             self.worker_restarts += 1
             self._start_worker()
 
-    async def infer(self, image: np.ndarray, deadline: float, admission: Admission | None = None) -> InferenceResult:
+    async def infer(self, image: np.ndarray, deadline: float, admission: Admission | None = None,
+                    category: int | None = None) -> InferenceResult:
         """Queue one image (uint8 C x H x W) and wait for its result until deadline (time.monotonic()); an
-        admission's place becomes the queued request's."""
+        admission's place becomes the queued request's. category: the image's index into a multi-category
+        bundle's categories (the batcher then runs batches with their indices)."""
         if admission is not None:
             admission.release()
         if not self._accepting:
@@ -187,7 +193,7 @@ class DynamicBatcher:
         if now >= deadline:
             raise RequestTimeoutError("the request timed out before it was queued")
         pending = _Pending(image, asyncio.get_running_loop().create_future(), now, deadline,
-                           current_span_context(), time.time_ns())
+                           current_span_context(), time.time_ns(), category)
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
@@ -278,9 +284,10 @@ class DynamicBatcher:
             return
         started, started_ns = time.monotonic(), time.time_ns()
         images = [item.image for item in live]
+        categories = None if live[0].category is None else [item.category for item in live]
         loop = asyncio.get_running_loop()
         try:
-            maps, scores = await loop.run_in_executor(self.executor, self._call_backend, images)
+            maps, scores = await loop.run_in_executor(self.executor, self._call_backend, images, categories)
         except UpstreamError as e:
             log.warning("model %s: a batch of %d answered %d: %s", self.model, len(live), e.status, e.detail)
             _fail(live, e)
@@ -315,8 +322,11 @@ class DynamicBatcher:
             except Exception:
                 log.exception("model %s: the batch report failed", self.model)
 
-    def _call_backend(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        maps, scores = self.run_batch(np.stack(images))
+    def _call_backend(self, images: list[np.ndarray],
+                      categories: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        batch = np.stack(images)
+        maps, scores = self.run_batch(batch) if categories is None else \
+            self.run_batch(batch, np.asarray(categories, dtype=np.int64))
         if len(maps) != len(images) or len(scores) != len(images):
             raise RuntimeError(f"the backend answered {len(scores)} results for {len(images)} images")
         return maps, scores

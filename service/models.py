@@ -9,6 +9,11 @@ Runtime allocate their buffers.
 Readiness follows health: a model that fails to load, or whose backend fails DIFFAD_UNHEALTHY_AFTER_FAILURES
 batches in a row (a sticky CUDA error, say), turns unready and is opened again, with a backoff of 1, 2,
 4 ... 60 s between tries, while the other models go on serving.
+
+A multi-category bundle whose graph takes the category as an input is one runtime (one backend, one set of
+weights, one thread, queue and batcher, named as the bundle) behind one served model per category
+(<bundle>.<category>, a CategoryModel): each has its own threshold, and its requests carry its category
+index into the shared batches. Such models load, fail, turn ready and reload together.
 """
 
 from __future__ import annotations
@@ -58,10 +63,15 @@ class ModelRuntime:
     reopening: asyncio.Task | None = None
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one reload at a time per model
     source: Path | None = None  # the folder as configured: a bundle, or a Triton model folder (newest version)
+    served_as: tuple[str, ...] = ()  # the served models it runs, where not itself: a shared graph's categories
 
     @property
     def name(self) -> str:
         return self.bundle.name
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        return self.served_as or (self.name,)
 
     @property
     def ready(self) -> bool:
@@ -74,12 +84,84 @@ class ModelRuntime:
         return out
 
     def info(self) -> dict:
-        spec = self.bundle.input
-        return {"name": self.name, "version": self.bundle.version, "input_size": spec.size, "channels": spec.channels,
-                "threshold": self.bundle.threshold, "calibrated": self.bundle.calibrated,
-                "backend": self.backend.name if self.backend is not None and self.ready else None,
-                "max_batch_size": self.batcher.max_batch_size if self.batcher is not None else None,
-                "state": self.state, "method": self.bundle.method, "category": self.bundle.category}
+        return describe_model(self)
+
+
+class CategoryQueue:
+    """A category's way into its runtime's batcher: the batcher's admit and infer, with the category's index."""
+
+    def __init__(self, batcher: DynamicBatcher, category_index: int):
+        self.batcher, self.category_index = batcher, category_index
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batcher.max_batch_size
+
+    def admit(self):
+        return self.batcher.admit()
+
+    async def infer(self, image: np.ndarray, deadline: float, admission=None):
+        return await self.batcher.infer(image, deadline, admission, category=self.category_index)
+
+
+@dataclass(eq=False)
+class CategoryModel:
+    """One category of a multi-category bundle served from its shared runtime: its own name, threshold and
+    calibration (the runtime's current bundle's view for it, so a reload updates them too), the runtime's
+    state, backend and batcher."""
+
+    runtime: ModelRuntime
+    name: str
+    _view: Bundle | None = field(default=None, init=False, repr=False)
+    _view_of: Bundle | None = field(default=None, init=False, repr=False)
+
+    @property
+    def bundle(self) -> Bundle:
+        bundle = self.runtime.bundle
+        if self._view_of is not bundle:  # made once per loaded version
+            self._view = next(view for view in bundle.models() if view.name == self.name)
+            self._view_of = bundle
+        return self._view
+
+    @property
+    def batcher(self) -> CategoryQueue | None:
+        batcher = self.runtime.batcher
+        return None if batcher is None else CategoryQueue(batcher, self.bundle.category_index)
+
+    @property
+    def backend(self) -> Backend | None:
+        return self.runtime.backend
+
+    @property
+    def state(self) -> str:
+        return self.runtime.state
+
+    @property
+    def ready(self) -> bool:
+        return self.runtime.ready
+
+    @property
+    def error(self) -> str | None:
+        return self.runtime.error
+
+    def status(self) -> dict:
+        return self.runtime.status()
+
+    def info(self) -> dict:
+        return {**describe_model(self), "shares_runtime_with": [n for n in self.runtime.served_names if n != self.name]}
+
+
+ServedModel = ModelRuntime | CategoryModel
+
+
+def describe_model(model: ServedModel) -> dict:
+    """A served model as /models lists it."""
+    spec = model.bundle.input
+    return {"name": model.name, "version": model.bundle.version, "input_size": spec.size, "channels": spec.channels,
+            "threshold": model.bundle.threshold, "calibrated": model.bundle.calibrated,
+            "backend": model.backend.name if model.backend is not None and model.ready else None,
+            "max_batch_size": model.batcher.max_batch_size if model.batcher is not None else None,
+            "state": model.state, "method": model.bundle.method, "category": model.bundle.category}
 
 
 class ReloadError(Exception):
@@ -95,23 +177,33 @@ class ModelRegistry:
         self.settings = settings
         self.metrics = metrics
         self.backend_factory = backend_factory or open_backend
-        self.models: dict[str, ModelRuntime] = {}
+        self.models: dict[str, ServedModel] = {}  # by served name
+        self.runtimes: list[ModelRuntime] = []    # what holds backends, threads and batchers
         for path in settings.models:
-            # a multi-category DeCo-Diff bundle is one model per category (<name>.<category>)
-            for bundle in load_bundle(resolve_bundle_dir(path)).models():
+            loaded = load_bundle(resolve_bundle_dir(path))
+            # a multi-category DeCo-Diff bundle is one model per category (<name>.<category>): on one shared
+            # runtime where its graph takes the category as an input, else (older bundles) one runtime each
+            views = loaded.models()
+            shared = loaded.category_input is not None and len(views) > 1
+            for bundle in views:
                 if bundle.name in self.models:
                     raise BundleError(f"two bundles are named {bundle.name!r} ({self.models[bundle.name].bundle.path}"
                                       f" and {path}): model names must be unique; export one with --name")
                 if not bundle.calibrated:
                     log.warning("model %s has no calibrated threshold: answers carry threshold, normalized_score "
                                 "and is_anomalous as null unless the request gives ?threshold=", bundle.name)
+            for bundle in [loaded] if shared else views:
                 executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"diffad-{bundle.name}"[:32])
-                self.models[bundle.name] = ModelRuntime(bundle, executor, source=Path(path))
-                metrics.model_ready.labels(bundle.name).set(0)
+                runtime = ModelRuntime(bundle, executor, source=Path(path),
+                                       served_as=tuple(v.name for v in views) if shared else ())
+                self.runtimes.append(runtime)
+                for name in runtime.served_names:
+                    self.models[name] = runtime if name == runtime.name and not shared else CategoryModel(runtime, name)
+                    metrics.model_ready.labels(name).set(0)
         self.draining = False
         self._watching: asyncio.Task | None = None
 
-    def find(self, name: str | None) -> ModelRuntime | None:
+    def find(self, name: str | None) -> ServedModel | None:
         """The model a request names, or the only one when it names none; None when there is no such model
         or the choice is ambiguous."""
         if name is None:
@@ -131,7 +223,7 @@ class ModelRegistry:
     async def start(self) -> None:
         """Open each model's backend on its own thread, warm it up, start its batcher (models in parallel);
         a model that fails is tried again in the background."""
-        await asyncio.gather(*(self._start_one(m) for m in self.models.values()))
+        await asyncio.gather(*(self._start_one(m) for m in self.runtimes))
         if self.settings.backend == "triton":
             self._watching = asyncio.get_running_loop().create_task(self._watch_remote(), name="diffad-watch-triton")
 
@@ -142,7 +234,7 @@ class ModelRegistry:
         loop = asyncio.get_running_loop()
         while not self.draining:
             await asyncio.sleep(self.settings.triton_health_interval_s)
-            for model in list(self.models.values()):
+            for model in list(self.runtimes):
                 backend = model.backend
                 if not model.ready or backend is None:
                     continue
@@ -210,10 +302,11 @@ class ModelRegistry:
         return batcher
 
     def _publish(self, model: ModelRuntime, backend: Backend) -> None:
-        self.metrics.model_ready.labels(model.name).set(1)
-        self.metrics.set_backend(model.name, backend.name, getattr(backend, "device", "unknown"),
-                                 getattr(backend, "precision", "unknown"), getattr(backend, "fallback", None))
-        self.metrics.set_version(model.name, model.bundle.version)
+        for name in model.served_names:
+            self.metrics.model_ready.labels(name).set(1)
+            self.metrics.set_backend(name, backend.name, getattr(backend, "device", "unknown"),
+                                     getattr(backend, "precision", "unknown"), getattr(backend, "fallback", None))
+            self.metrics.set_version(name, model.bundle.version)
 
     async def reload(self, name: str) -> dict:
         """Load the model's bundle folder again and, if it holds a new version, serve it without a restart.
@@ -223,7 +316,8 @@ class ModelRegistry:
         its backend is closed. A bundle that fails to load, verify or warm up leaves the old version serving
         (ReloadError says why). The input (size, channels, type) must stay: decoded requests are in flight.
         """
-        model = self.models[name]
+        served = self.models[name]
+        model = served.runtime if isinstance(served, CategoryModel) else served
         if self.draining:
             raise ReloadError(503, "the service is shutting down")
         async with model.reload_lock:
@@ -231,8 +325,16 @@ class ModelRegistry:
             previous = model.bundle
             try:
                 folder = resolve_bundle_dir(model.source or previous.path)
-                loaded = (await loop.run_in_executor(None, load_bundle, folder)).models()
-                bundle = next((b for b in loaded if b.name == name), None)
+                whole = await loop.run_in_executor(None, load_bundle, folder)
+                if model.served_as:  # a shared graph's categories reload together, as one bundle
+                    loaded, held = [whole], tuple(v.name for v in whole.models())
+                    if whole.category_input is None or held != model.served_as:
+                        raise BundleError(f"{previous.path} now holds {', '.join(held)} (not one graph for "
+                                          f"{', '.join(model.served_as)}): a reload keeps the models (serve "
+                                          "others with a restart)")
+                else:
+                    loaded = whole.models()
+                bundle = next((b for b in loaded if b.name == model.name), None)
                 if bundle is None:
                     held = ", ".join(repr(b.name) for b in loaded)
                     raise BundleError(f"{previous.path} now holds model {held}: a reload keeps the model's "
@@ -292,7 +394,8 @@ class ModelRegistry:
         """A serving model that cannot serve (failed batches, or its remote server says so): unready at once,
         its backend opened again (with backoff while that fails)."""
         model.state, model.error = RELOADING, why
-        self.metrics.model_ready.labels(model.name).set(0)
+        for name in model.served_names:
+            self.metrics.model_ready.labels(name).set(0)
         log.error("model %s is unhealthy (%s): unready, opening its backend again", model.name, why)
         self._reopen_later(model, first_delay_s=0.0)
 
@@ -327,9 +430,13 @@ class ModelRegistry:
 
     @staticmethod
     def _warm_up(name: str, spec: InputSpec, backend: Backend, batch_size: int) -> None:
+        categories = len(backend.bundle.manifest.get("categories") or [0])
         for size in sorted({1, batch_size}):
             images = np.zeros((size, spec.channels, spec.size, spec.size), dtype=np.uint8)
-            maps, scores = backend(images)
+            if getattr(backend, "takes_categories", False):  # a shared graph: each category's index in turn
+                maps, scores = backend(images, np.arange(size) % categories)
+            else:
+                maps, scores = backend(images)
             if maps.shape != (size, 1, spec.size, spec.size) or scores.shape != (size,):
                 raise BundleError(f"model {name}: the backend answered shapes {maps.shape}, {scores.shape} "
                                   f"for a batch of {size} ({spec.channels}x{spec.size}x{spec.size})")
@@ -346,14 +453,15 @@ class ModelRegistry:
             self._watching.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watching
-        for model in self.models.values():
+        for model in self.runtimes:
             if model.reopening is not None and not model.reopening.done():
                 model.reopening.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await model.reopening
-        await asyncio.gather(*(m.batcher.close(timeout_s) for m in self.models.values() if m.batcher is not None))
-        for model in self.models.values():
-            self.metrics.model_ready.labels(model.name).set(0)
+        await asyncio.gather(*(m.batcher.close(timeout_s) for m in self.runtimes if m.batcher is not None))
+        for model in self.runtimes:
+            for name in model.served_names:
+                self.metrics.model_ready.labels(name).set(0)
             model.state = STOPPED if model.state == READY else model.state
             if model.backend is not None:
                 await self._close_backend(model.name, model.backend, model.executor)

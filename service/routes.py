@@ -24,7 +24,7 @@ from .batcher import (
 from .deps import API_KEY_HEADER, MetricsDep, RegistryDep, SettingsDep, api_key_accepted, require_api_key
 from .images import ImageError, check_content_type, decode_image, encode_map_png, map_size
 from .metrics import MODEL_STATE_KEY
-from .models import ModelRegistry, ModelRuntime, ReloadError
+from .models import ModelRegistry, ReloadError, ServedModel
 from .schemas import (
     BatchInspectResponse,
     BatchItem,
@@ -120,7 +120,7 @@ async def reload_model(name: str, registry: RegistryDep) -> ReloadResponse:
         raise HTTPException(e.status, e.detail) from None
 
 
-def resolve_model(registry: ModelRegistry, name: str | None) -> ModelRuntime:
+def resolve_model(registry: ModelRegistry, name: str | None) -> ServedModel:
     runtime = registry.find(name)
     if runtime is None and name is None:
         raise HTTPException(422, f"several models are loaded ({', '.join(sorted(registry.models))}): "
@@ -130,7 +130,7 @@ def resolve_model(registry: ModelRegistry, name: str | None) -> ModelRuntime:
     return runtime
 
 
-def queue_full_detail(runtime: ModelRuntime, settings: Settings) -> str:
+def queue_full_detail(runtime: ServedModel, settings: Settings) -> str:
     return f"model {runtime.name} is at its queue limit ({settings.max_queue_size})"
 
 
@@ -264,14 +264,14 @@ async def inspect_batch(
         metrics.request_duration.labels(runtime.name).observe(time.perf_counter() - started)
 
 
-def _check_serving(registry: ModelRegistry, runtime: ModelRuntime, admission: Admission | None) -> None:
+def _check_serving(registry: ModelRegistry, runtime: ServedModel, admission: Admission | None) -> None:
     if registry.draining and admission is None:  # one admitted before the drain is served
         raise HTTPException(503, "the service is shutting down", headers={"Retry-After": "1"})
     if not runtime.ready:
         raise HTTPException(503, f"model {runtime.name} is {runtime.state}", headers={"Retry-After": "5"})
 
 
-async def _decode_upload(request: Request, runtime: ModelRuntime, settings: Settings, file: UploadFile):
+async def _decode_upload(request: Request, runtime: ServedModel, settings: Settings, file: UploadFile):
     check_content_type(file.content_type)
     data = await file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
@@ -282,7 +282,7 @@ async def _decode_upload(request: Request, runtime: ModelRuntime, settings: Sett
             return await run_in_threadpool(decode_image, data, spec.size, spec.channels, settings.max_image_pixels)
 
 
-async def _result_body(request: Request, runtime: ModelRuntime, settings: Settings, result: InferenceResult,
+async def _result_body(request: Request, runtime: ServedModel, settings: Settings, result: InferenceResult,
                        decoded, threshold: float | None, map_format: str, started: float) -> dict:
     body = _answer(runtime, result, decoded.width, decoded.height, threshold)
     if map_format == "png":
@@ -297,7 +297,7 @@ async def _result_body(request: Request, runtime: ModelRuntime, settings: Settin
     return body
 
 
-def http_error_for(error: Exception, runtime: ModelRuntime, settings: Settings) -> HTTPException | None:
+def http_error_for(error: Exception, runtime: ServedModel, settings: Settings) -> HTTPException | None:
     """The answer for what can go wrong with one image; None for anything else (a bug: a 500 and a log)."""
     if isinstance(error, HTTPException):
         return error
@@ -318,7 +318,7 @@ def http_error_for(error: Exception, runtime: ModelRuntime, settings: Settings) 
     return None
 
 
-def _answer(runtime: ModelRuntime, result: InferenceResult, width: int, height: int,
+def _answer(runtime: ServedModel, result: InferenceResult, width: int, height: int,
             threshold: float | None) -> dict:
     bundle = runtime.bundle
     applied = threshold if threshold is not None else bundle.threshold

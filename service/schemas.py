@@ -60,6 +60,9 @@ class ModelInfo(BaseModel):
     state: str = Field(description="loading, ready, failed or stopped")
     method: str = Field("diffusionad", description="the bundle's method: diffusionad or decodiff")
     category: str | None = Field(None, description="the category this model scores (a DeCo-Diff bundle)")
+    shares_runtime_with: list[str] = Field(
+        default_factory=list, description="the models served by the same weights, backend and batcher (the other "
+                                          "categories of a multi-category bundle): their requests batch together")
 
 
 class ReloadResponse(BaseModel):

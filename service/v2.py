@@ -29,7 +29,7 @@ from .. import __version__
 from ..export.bundle import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT
 from .deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
 from .metrics import MODEL_STATE_KEY
-from .models import ModelRuntime
+from .models import ServedModel
 from .routes import http_error_for
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -63,7 +63,7 @@ async def server_metadata() -> dict:
     return {"name": "diffad", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
-def _runtime(registry, name: str, version: str | None) -> ModelRuntime:
+def _runtime(registry, name: str, version: str | None) -> ServedModel:
     runtime = registry.models.get(name)
     if runtime is None:
         raise ProtocolError(404, f"unknown model {name[:64]!r}; loaded: {', '.join(sorted(registry.models))}")
@@ -72,7 +72,7 @@ def _runtime(registry, name: str, version: str | None) -> ModelRuntime:
     return runtime
 
 
-def _metadata(runtime: ModelRuntime) -> dict:
+def _metadata(runtime: ServedModel) -> dict:
     spec = runtime.bundle.input
     return {"name": runtime.name, "versions": [runtime.bundle.version], "platform": "diffad_onnx",
             "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, spec.channels, spec.size, spec.size]}],
@@ -131,7 +131,7 @@ async def infer(name: str, request: Request, registry: RegistryDep, settings: Se
             metrics.request_duration.labels(runtime.name).observe(time.perf_counter() - started)
 
 
-def _input_images(infer_request: dict, binary: bytes, runtime: ModelRuntime, max_images: int) -> np.ndarray:
+def _input_images(infer_request: dict, binary: bytes, runtime: ServedModel, max_images: int) -> np.ndarray:
     inputs = infer_request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ProtocolError(400, f"expected one input tensor, {INPUT_NAME!r}")
@@ -169,7 +169,7 @@ def _input_images(infer_request: dict, binary: bytes, runtime: ModelRuntime, max
     return array.reshape(shape)
 
 
-async def _run(runtime: ModelRuntime, images: np.ndarray, settings) -> tuple[np.ndarray, np.ndarray]:
+async def _run(runtime: ServedModel, images: np.ndarray, settings) -> tuple[np.ndarray, np.ndarray]:
     """Every image through the model's batcher, each with its own place in the queue; all or an error."""
     deadline = time.monotonic() + settings.request_timeout_s
 
@@ -192,7 +192,7 @@ async def _run(runtime: ModelRuntime, images: np.ndarray, settings) -> tuple[np.
     return maps, scores
 
 
-def _response(infer_request: dict, runtime: ModelRuntime, maps: np.ndarray, scores: np.ndarray) -> Response:
+def _response(infer_request: dict, runtime: ServedModel, maps: np.ndarray, scores: np.ndarray) -> Response:
     tensors = {MAP_OUTPUT: maps, SCORE_OUTPUT: scores}
     binary_default = bool((infer_request.get("parameters") or {}).get("binary_data_output", False))
     wanted = infer_request.get("outputs")

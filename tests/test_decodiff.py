@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffad.export.bundle import BundleError, load_bundle
+from diffad.export.bundle import BundleError, load_bundle, seal_bundle
+from diffad.export.onnx_export import export_onnx
 from diffad.export.parity import onnxruntime_runner
 from diffad.export.tensorrt_engine import bundle_plan
 from diffad.export.triton import TritonExportError, export_model
@@ -29,7 +30,7 @@ from diffad.models.schedule import cosine_alpha_bar
 from diffad.service.backends import TorchBackend
 from diffad.training.demo_data import make_category
 from PIL import Image
-from test_service import make_settings, serving, until_ready
+from test_service import make_settings, serving, until_ready, wrapping_factory
 
 from diffad.cli import main
 
@@ -224,62 +225,92 @@ def test_train_and_evaluate_several_categories_in_one_model(multi_run):
     assert (run / "calibration.alpha.json").is_file() and (run / "calibration.beta.json").is_file()
 
 
-def test_export_writes_one_checked_graph_per_category(multi_run, multi_bundle):
+def test_export_writes_one_graph_that_takes_each_image_s_category(multi_run, multi_bundle):
     bundle = load_bundle(multi_bundle)
     assert bundle.method == "decodiff" and bundle.t_s is None and bundle.manifest["categories"] == ["alpha", "beta"]
     assert bundle.manifest["correction"]["timesteps"] == [8, 6, 4, 2, 0]
     assert bundle.manifest["score"] == {"top_k": 10, "map_reference": True}  # what the fixture set
+    assert bundle.category_input == "category" and bundle.manifest["input"]["category"]["dtype"] == "int64"
+    assert sorted(p.name for p in multi_bundle.glob("*.onnx")) == ["model.onnx"], "one graph, one set of weights"
+    parity = bundle.manifest["onnx"]["parity"]
+    assert parity["passed"] and parity["batch_independence"]["batch_sizes"] == [1, 8], parity
     views = {view.name: view for view in bundle.models()}
     assert set(views) == {"run.alpha", "run.beta"}
-    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     uint8 = (images * 255).round().to(torch.uint8)
     model = ckpt.load_model(multi_run).eval()
     with torch.no_grad():
-        alpha, beta = (model.set_category(c)(uint8.float() / 255)[1] for c in ("alpha", "beta"))
-    apart = alpha - beta
-    assert apart.abs().max() > 1e-3, "the categories must score apart for this test to see a mix-up"
-    for category in ("alpha", "beta"):
+        expected = {c: model.set_category(c)(uint8.float() / 255)[1].numpy() for c in ("alpha", "beta")}
+    assert np.abs(expected["alpha"] - expected["beta"]).max() > 1e-3, \
+        "the categories must score apart for this test to see a mix-up"
+    for index, category in enumerate(("alpha", "beta")):
         view = views[f"run.{category}"]
-        assert view.category == category and view.onnx_path == multi_bundle / f"model.{category}.onnx"
-        parity = view.manifest["onnx"]["parity"]
-        assert parity["passed"] and parity["batch_independence"]["batch_sizes"] == [1, 8], parity
+        assert (view.category, view.category_index, view.onnx_path) == (category, index, multi_bundle / "model.onnx")
         calibration = json.loads((multi_run / f"calibration.{category}.json").read_text())
         assert view.threshold == pytest.approx(calibration["threshold"])
-        # the graph computes what the model computes for this category, not for the other one
-        maps, scores = onnxruntime_runner(view.onnx_path)(uint8.numpy())
-        with torch.no_grad():
-            _, expected = model.set_category(category)(uint8.float() / 255)
-        assert np.allclose(scores, expected.numpy(), atol=1e-4)
-        _, torch_scores = TorchBackend(view).run(uint8.numpy())  # the torch backend serves the same category
-        assert np.allclose(torch_scores, expected.numpy(), atol=1e-5)
+    # one batch that mixes the categories: each image is scored as its own category, in the graph and in
+    # the torch backend, and as it is alone
+    mixed = np.array([0, 1, 1, 0])
+    want = np.where(mixed == 0, expected["alpha"], expected["beta"])
+    _, scores = onnxruntime_runner(multi_bundle / "model.onnx")(uint8.numpy(), mixed)
+    assert np.allclose(scores, want, atol=1e-4)
+    _, alone = onnxruntime_runner(multi_bundle / "model.onnx")(uint8.numpy()[2:3], mixed[2:3])
+    assert np.allclose(alone, want[2:3], atol=1e-5)
+    backend = TorchBackend(views["run.beta"])
+    assert backend.takes_categories
+    _, torch_scores = backend(uint8.numpy(), mixed)
+    assert np.allclose(torch_scores, want, atol=1e-5)
+    with pytest.raises(ValueError, match="category"):
+        backend(uint8.numpy())  # a shared graph's backend will not guess an image's category
 
 
-def test_multi_category_bundle_serves_one_model_per_category(multi_run, multi_bundle, two_categories):
-    image = np.asarray(Image.open(sorted((two_categories[1] / "test" / "good").glob("*.png"))[0]).convert("RGB"))
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG")
-    files = {"file": ("part.png", buffer.getvalue(), "image/png")}
+def test_multi_category_bundle_serves_each_category_from_one_runtime(multi_run, multi_bundle, two_categories):
+    images = [np.asarray(Image.open(sorted((d / "test" / "good").glob("*.png"))[0]).convert("RGB"))
+              for d in two_categories]
+
+    def upload(image):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "PNG")
+        return {"file": ("part.png", buffer.getvalue(), "image/png")}
+
+    settings = make_settings(multi_bundle, max_queue_delay_ms=500)  # requests sent together share a batch
+    created = {}
 
     async def inspect():
-        async with serving(make_settings(multi_bundle), wait_ready=False) as (_, client):
+        async with serving(settings, wrapping_factory(created), wait_ready=False) as (app, client):
             for name in ("run.alpha", "run.beta"):
                 await until_ready(client, model=name)
+            registry = app.state.registry
             listed = (await client.get("/models")).json()
-            chosen = await client.post("/inspect", params={"model": "run.beta", "map": "none"}, files=files)
-            unchosen = await client.post("/inspect", params={"map": "none"}, files=files)
-            return listed, chosen, unchosen
+            # the same image for each category and the other image for beta, sent at once
+            together = await asyncio.gather(*(
+                client.post("/inspect", params={"model": model, "map": "none"}, files=upload(images[i]))
+                for model, i in (("run.alpha", 0), ("run.beta", 0), ("run.beta", 1))))
+            unchosen = await client.post("/inspect", params={"map": "none"}, files=upload(images[0]))
+            metrics = (await client.get("/metrics")).text
+            return registry, listed, together, unchosen, metrics
 
-    listed, chosen, unchosen = asyncio.run(inspect())
+    registry, listed, together, unchosen, metrics = asyncio.run(inspect())
+    assert len(registry.runtimes) == 1 and registry.runtimes[0].served_names == ("run.alpha", "run.beta")
+    assert list(created) == ["run"], "one backend (one set of weights) for both categories"
+    served = [sorted(c.tolist()) for c in created["run"].batch_categories]
+    assert [0, 1, 1] in served, f"the three requests should have run as one mixed batch: {served}"
     entries = listed["models"] if isinstance(listed, dict) else listed
-    assert {(m["name"], m["method"], m["category"]) for m in entries} == {
-        ("run.alpha", "decodiff", "alpha"), ("run.beta", "decodiff", "beta")}
-    assert chosen.status_code == 200, chosen.text
-    with torch.no_grad():
-        _, expected = ckpt.load_model(multi_run).eval().set_category("beta")(
-            torch.from_numpy(image.transpose(2, 0, 1)[None].copy()).float() / 255)
-    assert chosen.json()["image_score"] == pytest.approx(float(expected[0]), abs=1e-4)
-    assert chosen.json()["threshold"] == pytest.approx(load_bundle(multi_bundle).models()[1].threshold)
+    assert {(m["name"], m["method"], m["category"], tuple(m["shares_runtime_with"])) for m in entries} == {
+        ("run.alpha", "decodiff", "alpha", ("run.beta",)), ("run.beta", "decodiff", "beta", ("run.alpha",))}
+    assert all(r.status_code == 200 for r in together), [r.text for r in together]
+    answers = [r.json() for r in together]
+    model = ckpt.load_model(multi_run).eval()
+    views = load_bundle(multi_bundle).models()
+    for answer, (category, i) in zip(answers, (("alpha", 0), ("beta", 0), ("beta", 1)), strict=True):
+        with torch.no_grad():
+            _, expected = model.set_category(category)(torch.from_numpy(images[i].transpose(2, 0, 1)[None].copy())
+                                                       .float() / 255)
+        assert answer["image_score"] == pytest.approx(float(expected[0]), abs=1e-4), (category, i)
+        view = next(v for v in views if v.category == category)
+        assert answer["model"] == view.name and answer["threshold"] == pytest.approx(view.threshold)
     assert unchosen.status_code == 422 and "model" in unchosen.text, "two models: the request must name one"
+    assert all(f'diffad_model_ready{{model="run.{c}"}} 1.0' in metrics for c in ("alpha", "beta"))
 
 
 def test_decodiff_bundle_needs_no_one_step_fields_and_an_unknown_method_is_refused(multi_bundle, tmp_path):
@@ -310,3 +341,69 @@ def test_diffusionad_refuses_several_categories(tmp_path, capsys):
     assert main(["train", *map(str, dirs), "--out", str(tmp_path / "run"), "--preset", "tiny",
                  "--max-steps", "1"]) == 2
     assert "--method decodiff" in capsys.readouterr().err
+
+
+def test_a_shared_graph_s_categories_reload_together(multi_run, multi_bundle, tmp_path):
+    served = shutil.copytree(multi_bundle, tmp_path / "run")
+    retrained = shutil.copytree(multi_run, tmp_path / "retrained")
+    model = ckpt.load_model(retrained)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.05)
+    ckpt.save_model(retrained / ckpt.MODEL_FILE, model)
+    new_bundle = tmp_path / "new"
+    assert main(["export", str(retrained), "--out", str(new_bundle), "--name", "run", "--no-fp16-graph"]) == 0
+    old_version, new_version = load_bundle(served).version, load_bundle(new_bundle).version
+    assert old_version != new_version
+
+    async def scenario():
+        async with serving(make_settings(served)) as (app, client):
+            unchanged = (await client.post("/models/run.beta/reload")).json()
+            shutil.rmtree(served)
+            shutil.copytree(new_bundle, served)
+            reloaded = (await client.post("/models/run.beta/reload")).json()
+            listed = (await client.get("/models")).json()["models"]
+            return app.state.registry, unchanged, reloaded, listed
+
+    registry, unchanged, reloaded, listed = asyncio.run(scenario())
+    assert unchanged["reloaded"] is False and unchanged["model"] == "run.beta"
+    assert reloaded["reloaded"] is True and (reloaded["previous_version"], reloaded["version"]) == (
+        old_version, new_version)
+    assert {m["name"]: m["version"] for m in listed} == {"run.alpha": new_version, "run.beta": new_version}, \
+        "one graph: both categories switch"
+    assert len(registry.runtimes) == 1
+
+
+def test_a_bundle_with_a_graph_per_category_still_serves(multi_run, multi_bundle, tmp_path):
+    """Bundles exported before the shared graph hold model.<category>.onnx with the category a constant,
+    named in each `models` entry: they load and serve as before, one backend per category."""
+    old = shutil.copytree(multi_bundle, tmp_path / "run")
+    (old / "model.onnx").unlink()
+    model = ckpt.load_model(multi_run).eval()
+    manifest = json.loads((old / "bundle.json").read_text())
+    entries = []
+    for entry in manifest["models"]:
+        info = export_onnx(model.set_category(entry["category"]), old / f"model.{entry['category']}.onnx")
+        entries.append({k: v for k, v in entry.items() if k != "category_index"} | {"onnx": info.to_dict()})
+    manifest = {k: v for k, v in manifest.items() if k != "category_index"} | {
+        "onnx": entries[0]["onnx"], "models": entries,
+        "input": {k: v for k, v in manifest["input"].items() if k != "category"}}
+    seal_bundle(old, manifest)
+    views = load_bundle(old).models()
+    assert [(v.category_input, v.category_index) for v in views] == [(None, None), (None, None)]
+
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+
+    async def scenario():
+        async with serving(make_settings(old)) as (app, client):
+            answer = await client.post("/inspect", params={"model": "run.beta", "map": "none"},
+                                       files={"file": ("part.png", buffer.getvalue(), "image/png")})
+            return app.state.registry, answer
+
+    registry, answer = asyncio.run(scenario())
+    assert len(registry.runtimes) == 2 and answer.status_code == 200, answer.text
+    with torch.no_grad():
+        _, expected = model.set_category("beta")(torch.from_numpy(image.transpose(2, 0, 1)[None].copy()).float() / 255)
+    assert answer.json()["image_score"] == pytest.approx(float(expected[0]), abs=1e-4)

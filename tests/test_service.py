@@ -88,19 +88,22 @@ class WrappedBackend:
         self.inner = inner
         self.name, self.max_batch_size, self.bundle = inner.name, inner.max_batch_size, inner.bundle
         self.device, self.precision, self.fallback = inner.device, inner.precision, inner.fallback
+        self.takes_categories = inner.takes_categories
         self.batches: list[np.ndarray] = []
+        self.batch_categories: list[np.ndarray | None] = []
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
         self.fail_on_value: int | None = None
 
-    def __call__(self, images):
+    def __call__(self, images, categories=None):
         self.batches.append(images.copy())
+        self.batch_categories.append(None if categories is None else categories.copy())
         self.entered.set()
         if self.gate is not None:
             self.gate.wait(timeout=30)
         if self.fail_on_value is not None and (images[:, 0, 0, 0] == self.fail_on_value).any():
             raise RuntimeError("injected failure")
-        return self.inner(images)
+        return self.inner(images) if categories is None else self.inner(images, categories)
 
     def close(self):
         self.inner.close()

@@ -269,7 +269,7 @@ def test_tensorrt_backend_pads_a_batch_below_the_profile_minimum(monkeypatch):
 
     monkeypatch.setattr(te, "EngineRunner", FakeRunner)
     monkeypatch.setattr(te, "load_engine", lambda folder, record: object())
-    bundle = types.SimpleNamespace(input=types.SimpleNamespace(dtype="uint8"))
+    bundle = types.SimpleNamespace(input=types.SimpleNamespace(dtype="uint8"), category_input=None)
     record = {"file": "model.x.trt10.16.1.11.fp16.engine", "precision": "fp16", "min_batch": 4, "max_batch": 16}
     backend = TensorRTBackend(bundle, EngineChoice("/nowhere", record, "bundle"))
     assert (backend.min_batch_size, backend.max_batch_size) == (4, 16)
