@@ -344,7 +344,7 @@ class ModelRegistry:
                                       f"{bundle.input.dtype}) differs from the served one's ({previous.input.channels}x"
                                       f"{previous.input.size}, {previous.input.dtype}): restart to change it")
             except BundleError as e:
-                raise self._reload_failed(model, str(e)) from None
+                raise self._reload_failed(model, name, str(e)) from None
             if bundle.version == previous.version and model.ready:
                 self.metrics.reloads.labels(name, "unchanged").inc()
                 return {"model": name, "version": bundle.version, "previous_version": previous.version,
@@ -356,7 +356,7 @@ class ModelRegistry:
             except Exception as e:
                 executor.shutdown(wait=False)
                 why = f"version {bundle.version} did not open: {type(e).__name__}: {e}"
-                raise self._reload_failed(model, why) from None
+                raise self._reload_failed(model, name, why) from None
             batcher = self._new_batcher(model, backend, executor, batch_size)
             if model.reopening is not None and not model.reopening.done():
                 model.reopening.cancel()  # the new version replaces a model being reopened
@@ -378,8 +378,8 @@ class ModelRegistry:
             return {"model": name, "version": bundle.version, "previous_version": previous.version,
                     "reloaded": True, "warmup_s": round(model.warmup_s, 3)}
 
-    def _reload_failed(self, model: ModelRuntime, why: str) -> ReloadError:
-        self.metrics.reloads.labels(model.name, "failed").inc()
+    def _reload_failed(self, model: ModelRuntime, name: str, why: str) -> ReloadError:
+        self.metrics.reloads.labels(name, "failed").inc()
         log.error("model %s: reload failed, version %s still serves: %s", model.name, model.bundle.version, why)
         return ReloadError(409, f"reload failed, version {model.bundle.version} still serves: {why}")
 
