@@ -4,7 +4,9 @@ Reads the records that `diffad bench speed RUN DATA --methods one-step,d3ad-fixe
 (the test set's metrics and time per image of each method) and, where present, the matching
 `bench/d3ad_validation.py` records (<same name>_validation.json: the run's validation score of each
 method), and prints one markdown row per category and method: each figure as mean ± sample std over the
-seeds, and the gain of each D3AD mode over one-step, per seed and then averaged.
+seeds, and the gain of each D3AD mode over one-step, per seed and then averaged. Times per image and
+slowdowns are the median over the seeds: a run that shared the cores with other work is slower in every
+method, and the median leaves one such run out.
 
     python bench/d3ad_table.py bench/results/d3ad/*_600steps_seed*_speed.json
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 from pathlib import Path
 
 from diffad.benchmarks.quality import mean_std
@@ -55,11 +58,12 @@ def load(paths: list[Path]) -> dict[str, list[dict]]:
 
 
 def table(runs: dict[str, list[dict]]) -> str:
-    lines = ["| category | method | seeds | s / image | slowdown | validation | image AUROC | pixel AUROC | AUPRO "
-             "| pixel AP | pixel AUROC gain | AUPRO gain |", "|" + "---|" * 12]
+    lines = ["| category | method | seeds | s / image (median) | slowdown (median) | validation | image AUROC "
+             "| pixel AUROC | AUPRO | pixel AP | pixel AUROC gain | AUPRO gain |", "|" + "---|" * 12]
     for category, seeds in runs.items():
         for method, label in METHODS.items():
-            figures = [cell([s[method][k] for s in seeds]) for k in ("seconds", "slowdown")]
+            seconds = statistics.median(s[method]["seconds"] for s in seeds)
+            figures = [f"{seconds:.3f}", f"{statistics.median(s[method]['slowdown'] for s in seeds):.1f}x"]
             validations = [s[method]["validation"] for s in seeds if s[method]["validation"] is not None]
             figures.append(cell(validations) if validations else "")
             figures += [cell([s[method][k] for s in seeds]) for k in METRICS]
