@@ -6,7 +6,11 @@ images, as `diffad export --mode d3ad` makes them. Each row: validation image AU
 and their mean (the score training selects checkpoints by), and seconds per image. With --difference-map,
 each reconstruction is also scored with a pixel-difference map instead of the segmentation network's:
 |x - reconstruction| averaged over channels in the networks' units, unsmoothed and smoothed (sigma 2),
-scored as the model scores its map (the top-k mean).
+scored as the model scores its map (the top-k mean). With --distances, each row also gives how far the
+reconstruction lies from the input, mean |x - reconstruction| in the networks' units, inside the synthetic
+anomalies and on the good images: what the segmentation network has to tell apart. With
+--input-as-reconstruction, a row with the input fed as its own reconstruction (no UNet at all) shows how
+much of the map the reconstruction carries.
 
     python bench/d3ad_validation.py ../shared/datasets/dagm_class1 runs/bench/dagm_class1_small_seed0 \\
         --w 1,4 --max-step 64,128 --json bench/results/tuning/dagm_class1_d3ad_validation.json
@@ -42,6 +46,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps (default 10)")
     parser.add_argument("--difference-map", action="store_true",
                         help="also score each reconstruction with a pixel-difference map")
+    parser.add_argument("--distances", action="store_true",
+                        help="also give mean |x - reconstruction| inside the anomalies and on good images")
+    parser.add_argument("--input-as-reconstruction", action="store_true",
+                        help="also a row that feeds the segmentation network the input as its own reconstruction: "
+                             "how much of the map comes from the reconstruction at all")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
 
@@ -62,28 +71,39 @@ def main() -> None:
                 scores.append(model.score(difference).numpy())
         return np.concatenate(maps), np.concatenate(scores)
 
-    def row(name: str, d3ad: D3ADConfig | None) -> list[dict]:
-        reconstruct = None if d3ad is None else reconstruction_method(model, "d3ad", d3ad=d3ad)
+    def row(name: str, d3ad: D3ADConfig | None, reconstruct=None) -> list[dict]:
+        if d3ad is not None:
+            reconstruct = reconstruction_method(model, "d3ad", d3ad=d3ad)
         started = time.perf_counter()
         outputs = {"segmentation": predict(model, vset.images, 8, desc=name, reconstruct=reconstruct)}
         seconds = (time.perf_counter() - started) / len(vset)
-        if args.difference_map:
-            for sigma in (0.0, 2.0):
-                outputs[f"difference sigma {sigma:g}"] = difference_maps(reconstruct, sigma)
+        distances = {}
+        if args.difference_map or args.distances:
+            difference = difference_maps(reconstruct, 0.0)
+            if args.difference_map:
+                outputs["difference sigma 0"] = difference
+                outputs["difference sigma 2"] = difference_maps(reconstruct, 2.0)
+            if args.distances:
+                inside = vset.masks.astype(bool)
+                good_images = vset.labels == 0
+                distances = {"distance_inside_anomalies": round(float(difference[0][inside].mean()), 4),
+                             "distance_good_images": round(float(difference[0][good_images].mean()), 4)}
         results = []
         for map_kind, (maps, scores) in outputs.items():
             metrics = validation_metrics(vset, maps, scores)
             result = {"method": name, "map": map_kind, **{k: round(v, 4) for k, v in metrics.items()},
-                      "seconds_per_image": round(seconds, 4)}
+                      "seconds_per_image": round(seconds, 4), **distances}
             if d3ad is not None:
                 result["d3ad"] = dataclasses.asdict(d3ad)
             print(json.dumps({k: result[k] for k in ("method", "map", "score", "image_auroc", "pixel_auroc",
-                                                     "pixel_ap")}), file=sys.stderr, flush=True)
+                                                     "pixel_ap", *distances)}), file=sys.stderr, flush=True)
             results.append(result)
         return results
 
     edges = one_step_bin_edges(model, good)
     rows = row("one-step", None)
+    if args.input_as_reconstruction:
+        rows += row("the input as its reconstruction", None, reconstruct=lambda x: x)
     for w in (float(v) for v in args.w.split(",")):
         for max_step in (int(v) for v in args.max_step.split(",")):
             base = D3ADConfig(steps=args.steps, w=w, max_step=max_step)
