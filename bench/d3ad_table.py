@@ -23,7 +23,7 @@ from diffad.benchmarks.quality import mean_std
 
 METHODS = {"one-step": "one-step", "d3ad-fixed": "D3AD, fixed level", "d3ad": "D3AD, level per image"}
 VALIDATION_ROWS = {"one-step": "one-step", "d3ad-fixed": "d3ad-fixed w4 T128", "d3ad": "d3ad w4 T128"}
-METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap")
+METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1_max")
 NAME = re.compile(r"(?P<category>.+)_small_(?P<setting>.+)_seed(?P<seed>\d+)_speed\.json")
 
 
@@ -59,7 +59,7 @@ def load(paths: list[Path]) -> dict[str, list[dict]]:
 
 def table(runs: dict[str, list[dict]]) -> str:
     lines = ["| category | method | seeds | s / image (median) | slowdown (median) | validation | image AUROC "
-             "| pixel AUROC | AUPRO | pixel AP | pixel AUROC gain | AUPRO gain |", "|" + "---|" * 12]
+             "| pixel AUROC | AUPRO | pixel AP | image F1 | pixel AUROC gain | AUPRO gain |", "|" + "---|" * 13]
     for category, seeds in runs.items():
         for method, label in METHODS.items():
             seconds = statistics.median(s[method]["seconds"] for s in seeds)
