@@ -19,18 +19,12 @@ import re
 import statistics
 from pathlib import Path
 
-from diffad.benchmarks.quality import mean_std
+from diffad.benchmarks.quality import mean_std_cell
 
 METHODS = {"one-step": "one-step", "d3ad-fixed": "D3AD, fixed level", "d3ad": "D3AD, level per image"}
 VALIDATION_ROWS = {"one-step": "one-step", "d3ad-fixed": "d3ad-fixed w4 T128", "d3ad": "d3ad w4 T128"}
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1_max")
 NAME = re.compile(r"(?P<category>.+)_small_(?P<setting>.+)_seed(?P<seed>\d+)_speed\.json")
-
-
-def cell(values: list[float], signed: bool = False) -> str:
-    mean, std = mean_std(values)
-    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
-    return text if std is None else f"{text} ± {std:.3f}"
 
 
 def load(paths: list[Path]) -> dict[str, list[dict]]:
@@ -65,11 +59,11 @@ def table(runs: dict[str, list[dict]]) -> str:
             seconds = statistics.median(s[method]["seconds"] for s in seeds)
             figures = [f"{seconds:.3f}", f"{statistics.median(s[method]['slowdown'] for s in seeds):.1f}x"]
             validations = [s[method]["validation"] for s in seeds if s[method]["validation"] is not None]
-            figures.append(cell(validations) if validations else "")
-            figures += [cell([s[method][k] for s in seeds]) for k in METRICS]
+            figures.append(mean_std_cell(validations) if validations else "")
+            figures += [mean_std_cell([s[method][k] for s in seeds]) for k in METRICS]
             for k in ("pixel_auroc", "pixel_aupro"):
                 figures.append("" if method == "one-step" else
-                               cell([s[method][k] - s["one-step"][k] for s in seeds], signed=True))
+                               mean_std_cell([s[method][k] - s["one-step"][k] for s in seeds], signed=True))
             lines.append(f"| `{category}` | {label} | {','.join(str(s['seed']) for s in seeds)} | "
                          + " | ".join(figures) + " |")
     return "\n".join(lines)

@@ -236,9 +236,12 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
-def _cell(values: list[float]) -> str:
+def mean_std_cell(values, signed: bool = False) -> str:
+    """values as a table cell: "mean ± sample std" to 3 decimals (the mean alone for one value); signed
+    writes the mean's sign, for gains."""
     mean, std = mean_std(values)
-    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return text if std is None else f"{text} ± {std:.3f}"
 
 
 def row_label(record: dict) -> str:
@@ -272,7 +275,7 @@ def markdown_table(records: list[dict]) -> str:
         minutes = statistics.fmean(x["training"]["train_seconds"] / 60 for x in rs)
         training = f"{steps:.0f} steps, {minutes:.1f} min" + (" (mean)" if n > 1 else "")
         lines.append(f"| `{r['dataset']}` | {preset} | {n} | "
-                     + " | ".join(_cell([x["metrics"][k] for x in rs]) for k in METRICS)
+                     + " | ".join(mean_std_cell([x["metrics"][k] for x in rs]) for k in METRICS)
                      + f" | {training} |")
     machines = sorted({r["machine"] for r in records})
     return "\n".join(lines) + ("\n\nMachine: " + "; ".join(machines) if machines else "")
@@ -292,7 +295,7 @@ def defect_type_table(records: list[dict]) -> str:
         preset = row_label(r)
         for name, first in r["per_defect_type"].items():
             entries = [x["per_defect_type"][name] for x in rs if name in x["per_defect_type"]]
-            cells = [_cell([e[k] for e in entries]) if all(k in e for e in entries) else "–"
+            cells = [mean_std_cell([e[k] for e in entries]) if all(k in e for e in entries) else "–"
                      for k in ("image_auroc", "pixel_auroc", "pixel_ap")]
             area = f"{100 * first['defect_area']:.2f} %" if "defect_area" in first else "–"
             lines.append(f"| `{r['dataset']}` | {preset} | {len(entries)} | {name} | {first['images']} | {area} | "

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffad.benchmarks.quality import mean_std_cell
 from diffad.benchmarks.throughput import emit, machine
 from diffad.evaluation.evaluate import predict, read_test_set
 from diffad.evaluation.metrics import image_auroc
@@ -100,20 +101,17 @@ def table(paths: list[str]) -> None:
     print("|---|---|---|---|---|---|")
     for category, results in sorted(by_category.items()):
         gain = figures(results, "test", "candidate_choice") - figures(results, "test", "default_rule")
-        cells = [f"{figures(results, 'validation', rule).mean():.3f} / {fmt(figures(results, 'test', rule))}"
+        cells = [f"{figures(results, 'validation', rule).mean():.3f} / "
+                 f"{mean_std_cell(figures(results, 'test', rule))}"
                  for rule in ("default_rule", "candidate_choice")]
         rules = ", ".join(r["candidate_choice"] for r in results)
-        print(f"| `{category}` | {len(results)} | {cells[0]} | {rules} | {cells[1]} | {fmt(gain, signed=True)} |")
+        gain_cell = mean_std_cell(gain, signed=True)
+        print(f"| `{category}` | {len(results)} | {cells[0]} | {rules} | {cells[1]} | {gain_cell} |")
 
 
 def figures(results: list[dict], split: str, rule_key: str) -> np.ndarray:
     """Each result's image AUROC on split ("validation" or "test") under the rule its rule_key names."""
     return np.array([r[f"{split}_image_auroc"][r[rule_key]] for r in results])
-
-
-def fmt(values: np.ndarray, signed: bool = False) -> str:
-    mean = f"{values.mean():+.3f}" if signed else f"{values.mean():.3f}"
-    return f"{mean} ± {values.std(ddof=1):.3f}" if len(values) > 1 else mean
 
 
 def main(argv: list[str] | None = None) -> None:

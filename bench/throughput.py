@@ -85,7 +85,8 @@ def bench_onnxruntime(bundle_dir: str | Path, batches: list[int], seconds: float
         images = random_images(batch, spec.channels, spec.size)
         if spec.dtype == "float32":
             images = images.astype(np.float32) / 255.0
-        feed = graph_feed(session, images, bundle_categories(bundle, batch))  # a multi-category graph: its first
+        # a multi-category bundle's graph is timed on its first category
+        feed = graph_feed(session, images, bundle_categories(bundle, batch))
         times = time_batches(lambda feed=feed: session.run(None, feed), seconds)
         rows.append({"backend": "onnxruntime-cpu", **summarise(times, batch)})
     return {"model": bundle.name, "input": [spec.channels, spec.size, spec.size], "threads": threads,

@@ -270,7 +270,7 @@ def verify_files(bundle_dir: str | Path, manifest: dict) -> None:
     bundle_dir = Path(bundle_dir)
     files: dict[str, str] = manifest["files"]
     referenced = [manifest["onnx"]["file"]] + [e["file"] for e in manifest["engines"]]
-    referenced += [m["onnx"]["file"] for m in manifest.get("models") or [] if "onnx" in m]
+    referenced += [graph["file"] for graph in _category_graphs(manifest)]
     for name in referenced:
         if name not in files:
             raise BundleError(f"{bundle_dir / MANIFEST_FILE} does not list a hash for {name}")
@@ -284,12 +284,17 @@ def verify_files(bundle_dir: str | Path, manifest: dict) -> None:
                               f"{MANIFEST_FILE} says {expected[:16]}...")
 
 
+def _category_graphs(manifest: dict) -> list[dict]:
+    """The `onnx` blocks of a bundle's `models` entries: an older multi-category bundle's graph per category
+    (a shared-graph bundle's entries have none)."""
+    return [m["onnx"] for m in manifest.get("models") or [] if isinstance(m, dict) and "onnx" in m]
+
+
 def load_bundle(bundle_dir: str | Path, verify: bool = True) -> Bundle:
     """Read and check a bundle: schema version, required fields and (unless verify=False) every hash."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
-    for entry in [manifest["onnx"], *manifest["engines"], *[m["onnx"] for m in manifest.get("models") or []
-                                                              if isinstance(m, dict) and "onnx" in m]]:
+    for entry in [manifest["onnx"], *manifest["engines"], *_category_graphs(manifest)]:
         contained_path(bundle_dir, entry["file"])  # what the backends open, even unverified
     if verify:
         verify_files(bundle_dir, manifest)

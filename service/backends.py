@@ -327,15 +327,14 @@ class TorchBackend(Backend):
         torch = self.torch
         static_in = torch.zeros((size, self.bundle.input.channels, self.bundle.input.size, self.bundle.input.size),
                                 dtype=torch.uint8, device=self.device)
+        # a multi-category model: the images' category indices are a captured input too
+        static_classes = torch.zeros(size, dtype=torch.int64, device=self.device) if self.takes_categories else None
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode(), torch.cuda.stream(stream):
-            warm_classes = torch.zeros(size, dtype=torch.int64, device=self.device) if self.takes_categories else None
             for _ in range(3):  # outside the capture: cuDNN and compile choose their kernels here
-                self._forward(self._to_model(static_in), warm_classes)
+                self._forward(self._to_model(static_in), static_classes)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        # a multi-category model: the images' category indices are a captured input too
-        static_classes = torch.zeros(size, dtype=torch.int64, device=self.device) if self.takes_categories else None
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._graph_pool):
             static_out = self._forward(self._to_model(static_in), static_classes)

@@ -198,7 +198,7 @@ class ModelRegistry:
                                        served_as=tuple(v.name for v in views) if shared else ())
                 self.runtimes.append(runtime)
                 for name in runtime.served_names:
-                    self.models[name] = runtime if name == runtime.name and not shared else CategoryModel(runtime, name)
+                    self.models[name] = CategoryModel(runtime, name) if shared else runtime
                     metrics.model_ready.labels(name).set(0)
         self.draining = False
         self._watching: asyncio.Task | None = None

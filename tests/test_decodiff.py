@@ -397,7 +397,9 @@ def test_a_bundle_with_a_graph_per_category_still_serves(multi_run, multi_bundle
     Image.fromarray(image).save(buffer, "PNG")
 
     async def scenario():
-        async with serving(make_settings(old)) as (app, client):
+        async with serving(make_settings(old), wait_ready=False) as (app, client):
+            for name in ("run.alpha", "run.beta"):  # /readyz alone turns 200 once any one model is ready
+                await until_ready(client, model=name)
             answer = await client.post("/inspect", params={"model": "run.beta", "map": "none"},
                                        files={"file": ("part.png", buffer.getvalue(), "image/png")})
             return app.state.registry, answer
