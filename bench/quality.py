@@ -87,6 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="as in diffad train: auto (default) uses bf16 only where it is native")
     p.add_argument("--ema-decay", type=float, default=0.995, help="as in diffad train (default 0.995; 0: off)")
     p.add_argument("--focal-gamma", type=float, help="as in diffad train (default: TrainConfig's)")
+    p.add_argument("--segmentation-input", choices=("pair", "difference"), default="pair",
+                   help="as in diffad train (default pair)")
     p.add_argument("--workers", type=int, default=1, help="data-loading worker processes (default 1)")
     p.add_argument("--device", default="cpu",
                    help="cpu (default) or cuda[:N]: where the networks train and are evaluated (in fp32)")
@@ -152,6 +154,8 @@ def command_line(args) -> str:
         words += ["--ema-decay", f"{args.ema_decay:g}"]
     if args.focal_gamma is not None:
         words += ["--focal-gamma", f"{args.focal_gamma:g}"]
+    if getattr(args, "segmentation_input", "pair") != "pair":
+        words += ["--segmentation-input", args.segmentation_input]
     words += ["--workers", str(args.workers)]
     if args.device != "cpu":
         words += ["--device", args.device]
@@ -350,6 +354,9 @@ def run(args) -> int:
     multi_class = getattr(args, "multi_class", False)
     if method == "decodiff" and args.d3ad:
         raise ValueError("--d3ad evaluates DiffusionAD's reconstruction modes; leave it out with --method decodiff")
+    segmentation_input = getattr(args, "segmentation_input", "pair")
+    if method == "decodiff" and segmentation_input != "pair":
+        raise ValueError("--segmentation-input is DiffusionAD's: DeCo-Diff has no segmentation network")
     if multi_class and (method != "decodiff" or len(args.datasets) < 2):
         raise ValueError("--multi-class trains one DeCo-Diff model for several categories: it needs --method "
                          "decodiff and at least two DATASETs")
@@ -392,14 +399,16 @@ def run(args) -> int:
                                max_steps=args.max_steps, max_minutes=args.max_minutes, seed=seeds[0],
                                workers=args.workers, lr_schedule=args.lr_schedule, device=device,
                                crop=crop, crops_per_image=crops_per_image, precision=args.precision,
-                               ema_decay=args.ema_decay,
+                               ema_decay=args.ema_decay, segmentation_input=segmentation_input,
                                **({"focal_gamma": args.focal_gamma} if args.focal_gamma is not None else {}),
                                synthesis=SynthesisConfig(sources=parse_sources(args.anomaly_sources),
                                                          **parse_perlin_scales(args.perlin_scales)))
     budget = {"max_minutes": args.max_minutes, "max_steps": args.max_steps, "batch_size": args.batch_size,
               "lr_schedule": args.lr_schedule, "device": device, "crop": crop,
               "crops_per_image": crops_per_image, "ema_decay": args.ema_decay,
-              "focal_gamma": cfg.focal_gamma}
+              "focal_gamma": cfg.focal_gamma,
+              # only where it departs from the paper's, so records from before the option still match
+              **({"segmentation_input": cfg.segmentation_input} if cfg.segmentation_input != "pair" else {})}
     records, files, skipped = [], [], []
     for seed, run_dir, members in jobs:
         label = "+".join(m[1] for m in members)

@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of train/good held out (with synthetic anomalies) to choose the checkpoint and "
                    "t_s when the category has no validation/good (default 0.1; 0: none)")
     p.add_argument("--validate-every", type=_positive_int, default=100, help="steps between validations (default 100)")
+    p.add_argument("--segmentation-input", choices=("pair", "difference"), default="pair",
+                   help="what the segmentation network sees: pair (default, the paper's), the image and its "
+                   "reconstruction; difference, only image - reconstruction, so the map must come from what the "
+                   "reconstruction changed (diffusionad only)")
     p.add_argument("--no-standardize", action="store_true",
                    help="scale images to [-1, 1] instead of standardising them by the training images' mean and std")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the networks train")
@@ -390,7 +394,7 @@ def _train(args) -> int:
         lr_schedule=args.lr_schedule, checkpoint_every=args.checkpoint_every, precision=args.precision,
         device=training_device(args.device), crop=crop, crops_per_image=crops_per_image,
         ema_decay=args.ema_decay, validation_fraction=args.validation_fraction, validate_every=args.validate_every,
-        standardize=not args.no_standardize,
+        standardize=not args.no_standardize, segmentation_input=args.segmentation_input,
         synthesis=dataclasses.replace(SynthesisConfig(), foreground=args.foreground, texture_dir=args.texture_dir,
                                       sources=parse_sources(args.anomaly_sources),
                                       **parse_perlin_scales(args.perlin_scales)),
@@ -400,6 +404,8 @@ def _train(args) -> int:
 
         if args.resume:
             raise ValueError("--resume is not supported with --method decodiff yet")
+        if args.segmentation_input != "pair":
+            raise ValueError("--segmentation-input is DiffusionAD's: DeCo-Diff has no segmentation network")
         summary = train_decodiff(args.data_dir, args.out, args.preset, args.image_size, args.channels, cfg)
         print(json.dumps(summary, indent=2))
         return 0

@@ -26,6 +26,8 @@ from .schedule import LinearNoiseSchedule, ScheduleConfig, clamp
 from .segmentation import SegmentationConfig, SegmentationNet
 from .unet import UNet, UNetConfig
 
+SEGMENTATION_INPUTS = ("pair", "difference")
+
 
 @dataclass
 class ModelConfig:
@@ -45,6 +47,9 @@ class ModelConfig:
     input_mean: tuple[float, ...] = ()
     input_std: tuple[float, ...] = ()
     map_sigma: float = 0.0      # Gaussian smoothing of the map (pixels) before the score; 0 = none
+    # What the segmentation network sees: "pair", the image and its reconstruction stacked (the paper's), or
+    # "difference", only image - reconstruction, so that the map cannot come from the image alone.
+    segmentation_input: str = "pair"
     d3ad: D3ADConfig = field(default_factory=D3ADConfig)  # mode "off": the one-step reconstruction
 
     def __post_init__(self):
@@ -60,7 +65,10 @@ class ModelConfig:
         # Keep the sub-configs consistent with the image: one source of truth for size and channels.
         self.unet.in_channels = self.in_channels
         self.unet.image_size = self.image_size
-        self.segmentation.in_channels = 2 * self.in_channels
+        if self.segmentation_input not in SEGMENTATION_INPUTS:
+            raise ValueError(f"segmentation_input must be one of {SEGMENTATION_INPUTS}, "
+                             f"got {self.segmentation_input!r}")
+        self.segmentation.in_channels = (2 if self.segmentation_input == "pair" else 1) * self.in_channels
         if not 0 <= self.t_s < self.t_l < self.schedule.num_steps:
             raise ValueError(f"need 0 <= t_s < t_l < {self.schedule.num_steps}, got t_s={self.t_s}, t_l={self.t_l}")
         if self.d3ad.max_step >= self.schedule.num_steps:
@@ -218,7 +226,13 @@ class DiffusionAD(nn.Module):
 
     def segment(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         """Anomaly logits [N, 1, H, W] for images and their reconstructions, both normalised."""
-        return self._in_fp32(self.segmentation(self._to_network(torch.cat([x, reconstruction], dim=1))))
+        return self._in_fp32(self.segmentation(self._to_network(self.segmentation_features(x, reconstruction))))
+
+    def segmentation_features(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """The segmentation network's input (config.segmentation_input): [x, reconstruction] or their difference."""
+        if self.config.segmentation_input == "pair":
+            return torch.cat([x, reconstruction], dim=1)
+        return x - reconstruction
 
     def _to_network(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.network_dtype

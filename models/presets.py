@@ -86,7 +86,7 @@ def count_gmac(model: DiffusionAD) -> dict[str, float]:
         with FlopCounterMode(display=False) as unet_counter:
             model.unet(x, torch.zeros(1, dtype=torch.long, device=device))
         with FlopCounterMode(display=False) as seg_counter:
-            model.segmentation(torch.cat([x, x], dim=1))
+            model.segmentation(model.segmentation_features(x, x))
     model.train(was_training)
     unet = unet_counter.get_total_flops() / 2e9
     seg = seg_counter.get_total_flops() / 2e9

@@ -1,8 +1,8 @@
 """The segmentation network: finds where an image differs from its reconstruction.
 
 A DRAEM-style discriminative encoder-decoder: conv-BN-ReLU blocks, max-pool down, bilinear up, skip
-connections. Input: the image and its reconstruction stacked on channels (2 x C); output: one logit
-per pixel (the anomaly map is its sigmoid).
+connections. Input: the image and its reconstruction stacked on channels (2 x C), or their difference
+(C; ModelConfig.segmentation_input); output: one logit per pixel (the anomaly map is its sigmoid).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
 
 
 class SegmentationNet(nn.Module):
-    """[N, 2C, H, W] (image, reconstruction) -> [N, 1, H, W] anomaly logits."""
+    """[N, in_channels, H, W] (image and reconstruction, or their difference) -> [N, 1, H, W] anomaly logits."""
 
     def __init__(self, config: SegmentationConfig):
         super().__init__()

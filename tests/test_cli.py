@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from diffad.models.checkpoint import load_model
 from diffad.training.demo_data import make_category
 
 from diffad.cli import main
@@ -69,6 +70,21 @@ def test_train_takes_the_anomaly_sources_asked_for(tmp_path, capsys):
     assert main(["train", str(data), "--out", str(tmp_path / "other"), "--max-steps", "1",
                  "--anomaly-sources", "self,stains"]) == 2
     assert "stains" in capsys.readouterr().err
+
+
+def test_train_takes_the_segmentation_input_asked_for(tmp_path, capsys):
+    data = make_category(tmp_path / "data", size=32, num_train=4, num_test_good=1, num_test_defect=1)
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "1", "--batch-size", "2",
+                 "--workers", "0", "--segmentation-input", "difference"]) == 0
+    assert json.loads((run / "config.json").read_text())["model"]["segmentation_input"] == "difference"
+    model = load_model(run)
+    assert model.config.segmentation_input == "difference"
+    assert model.segmentation.encoder[0][0].in_channels == 1  # a grey category's one-channel difference
+    assert main(["train", str(data), "--out", str(tmp_path / "deco"), "--method", "decodiff", "--max-steps", "1",
+                 "--segmentation-input", "difference"]) == 2
+    assert "no segmentation network" in capsys.readouterr().err
+    assert not (tmp_path / "deco").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")

@@ -156,3 +156,36 @@ def test_standardisation_and_smoothing_are_part_of_the_model():
     assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="input_std"):
         ModelConfig(in_channels=1, input_std=(0.0,))
+
+
+@torch.no_grad()
+def test_difference_input_makes_the_map_depend_on_the_reconstruction_only():
+    torch.manual_seed(0)
+    cfg = preset("tiny", in_channels=3)
+    cfg.segmentation_input = "difference"
+    model = DiffusionAD(ModelConfig.from_dict(cfg.to_dict())).eval()
+    assert model.segmentation.encoder[0][0].in_channels == 3  # the difference only, not [x, reconstruction]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    a, b = torch.rand(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    # Reconstructions equal to their inputs: one map for any image (nothing differs), where the paper's
+    # pair input would see the images themselves.
+    assert torch.allclose(model.segment(a, a), model.segment(b, b), atol=1e-6)
+    assert torch.allclose(model.segment(a, a - 0.3), model.segment(b, b - 0.3), atol=1e-6)
+    assert not torch.allclose(model.segment(a, a), model.segment(a, a - 0.3), atol=1e-3)
+    pair = DiffusionAD(preset("tiny", in_channels=3)).eval()
+    with torch.no_grad():
+        for p in pair.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert not torch.allclose(pair.segment(a, a), pair.segment(b, b), atol=1e-3)
+    anomaly_map, score = model(a)  # and the whole pipeline runs on it
+    assert anomaly_map.shape == (2, 1, 32, 32) and score.shape == (2,)
+
+
+def test_segmentation_input_is_checked_and_old_configs_read_as_pair():
+    cfg = preset("tiny").to_dict()
+    del cfg["segmentation_input"]  # a model file from before the option
+    assert ModelConfig.from_dict(cfg).segmentation_input == "pair"
+    with pytest.raises(ValueError, match="segmentation_input must be one of"):
+        ModelConfig.from_dict({**cfg, "segmentation_input": "residual"})

@@ -84,6 +84,7 @@ class TrainConfig:
     crop: int | None = None
     crops_per_image: int = 1
     standardize: bool = True     # the model's input standardised by the training images' mean and std
+    segmentation_input: str = "pair"  # ModelConfig.segmentation_input of a new model: "pair" or "difference"
     ema_decay: float = 0.995     # 0 turns the EMA off (the raw weights are used)
     # Validation without test data: validation/good if the category has it, else this share of train/good
     # (at least 4, at most 64 images, the same split for every seed), each also with a synthetic anomaly.
@@ -459,9 +460,10 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
 
     if state_path is None:
         model_config = preset(preset_name, image_size=images.shape[1], in_channels=channels)
+        model_config.segmentation_input = cfg.segmentation_input
         if cfg.standardize:
             model_config.input_mean, model_config.input_std = standardization(images)
-            model_config = ModelConfig.from_dict(model_config.to_dict())  # re-checked
+        model_config = ModelConfig.from_dict(model_config.to_dict())  # re-checked
     device = torch.device(cfg.device)
     precision, precision_reason = choose_precision(cfg.precision, device)
     step_cfg = dataclasses.replace(cfg, precision=precision)  # cfg keeps what was asked for (a resume re-checks)
