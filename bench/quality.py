@@ -261,24 +261,27 @@ def row_label(record: dict) -> str:
     return label
 
 
-def markdown_table(records: list[dict]) -> str:
+def markdown_table(records: list[dict], validation: bool = False) -> str:
     """The README's results table for quality records (files with "metrics"); other records are skipped.
 
     One row per group (same dataset, preset, input size and setting): each metric as "mean ± std" over the
     group's seeds (sample standard deviation, ddof=1), a plain value for a group of one record; `seeds` is the
     number of records; training gives the (mean) steps and minutes. A record without "group" (written before
-    seeds) is a row of its own."""
+    seeds) is a row of its own. With `validation`, a column for the score of the checkpoint training kept on
+    its validation set (held-out good images with fixed synthetic anomalies): what settings are chosen by."""
     records = [r for r in records if "metrics" in r]
-    lines = ["| dataset | preset, input | seeds | image AUROC | pixel AUROC | AUPRO | pixel AP | image F1-max "
-             "| training |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | preset, input | seeds |" + (" validation |" if validation else "")
+             + " image AUROC | pixel AUROC | AUPRO | pixel AP | image F1-max | training |",
+             "|---|---|---|" + ("---|" if validation else "") + "---|---|---|---|---|---|"]
     for rs in _groups(records, _table_key).values():
         r, n = rs[0], len(rs)
         preset = row_label(r)
         steps = statistics.fmean(x["training"]["steps"] for x in rs)
         minutes = statistics.fmean(x["training"]["train_seconds"] / 60 for x in rs)
         training = f"{steps:.0f} steps, {minutes:.1f} min" + (" (mean)" if n > 1 else "")
-        lines.append(f"| `{r['dataset']}` | {preset} | {n} | "
+        chosen = [x["training"].get("validation", {}).get("chosen", {}).get("score") for x in rs]
+        kept = mean_std_cell(chosen) if None not in chosen else ""
+        lines.append(f"| `{r['dataset']}` | {preset} | {n} | " + (f"{kept} | " if validation else "")
                      + " | ".join(mean_std_cell([x["metrics"][k] for x in rs]) for k in METRICS)
                      + f" | {training} |")
     machines = sorted({r["machine"] for r in records})

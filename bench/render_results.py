@@ -42,15 +42,16 @@ def collect(run_dir: Path, name: str, note: str | None = None) -> Path:
     return out
 
 
-def table(results: Path = RESULTS) -> str:
+def table(results: Path = RESULTS, validation: bool = False) -> str:
     """The README's quality table from every results file with "metrics" (speed results have none), the
-    seeds of one group aggregated into one row (diffad.benchmarks.quality.markdown_table)."""
+    seeds of one group aggregated into one row (diffad.benchmarks.quality.markdown_table); `validation` adds
+    the kept checkpoint's validation score."""
     records = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))]
     # quality records are named; a precision record (bench/precision.py) has "metrics" too, but no name
     records = [r for r in records if "name" in r and "metrics" in r]
     defects = defect_type_table(records)
-    return markdown_table(records) + (f"\n\nBy defect type (each against the good test images):\n\n{defects}"
-                                      if defects else "")
+    by_type = f"\n\nBy defect type (each against the good test images):\n\n{defects}" if defects else ""
+    return markdown_table(records, validation) + by_type
 
 
 def speed(speed_record: Path = SPEED_RECORD, load_record: Path | None = LOAD_RECORD) -> str | None:
@@ -78,13 +79,15 @@ def main() -> None:
     p = verbs.add_parser("table")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="default bench/results")
     p.add_argument("--print-only", action="store_true", help="print the tables, leave README.md alone")
+    p.add_argument("--validation", action="store_true",
+                   help="add the kept checkpoint's validation score (what settings are chosen by) as a column")
     p.add_argument("--speed", type=Path, default=SPEED_RECORD, help=f"bench speed record (default {SPEED_RECORD.name})")
     p.add_argument("--load", type=Path, default=LOAD_RECORD, help=f"bench load record (default {LOAD_RECORD.name})")
     args = parser.parse_args()
     if args.verb == "collect":
         print(collect(args.run_dir, args.name, args.note))
         return
-    quality, speed_text = table(args.results_dir), speed(args.speed, args.load)
+    quality, speed_text = table(args.results_dir, args.validation), speed(args.speed, args.load)
     if not args.print_only:
         readme = ROOT / "README.md"
         text = replace_between(readme.read_text(), START, END, quality)

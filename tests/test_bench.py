@@ -408,6 +408,19 @@ def test_markdown_table_aggregates_seeds_and_renders_old_records():
     assert summary["dagm_class1_small"]["n"] == 1 and summary["dagm_class1_small"]["metrics"]["pixel_ap"]["std"] is None
 
 
+def test_markdown_table_can_show_the_validation_score_settings_are_chosen_by():
+    seeds = [quality_result(seed=s, auroc=0.9) for s in (0, 1)]
+    for record, score in zip(seeds, (0.6, 0.7), strict=True):
+        record["training"]["validation"] = {"chosen": {"step": 100, "score": score}}
+    old = quality_result(dataset="grid")  # no validation recorded: an empty cell
+    table = markdown_table([*seeds, old], validation=True)
+    assert table.splitlines()[0].startswith("| dataset | preset, input | seeds | validation | image AUROC |")
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert rows[0].startswith(f"| `weave` | tiny, 32 px | 2 | 0.650 ± {statistics.stdev([0.6, 0.7]):.3f} | 0.900 ")
+    assert rows[1].startswith("| `grid` | tiny, 32 px | 1 |  | 0.500 | ")
+    assert "validation" not in markdown_table(seeds)  # the README's table leaves it out
+
+
 def test_defect_type_table_aggregates_each_type_over_seeds():
     from diffad.benchmarks.quality import defect_type_table
 
