@@ -81,7 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--perlin-scales", metavar="MIN,MAX",
                    help="synthetic anomaly regions' Perlin scales, as in diffad train (default: its default)")
     p.add_argument("--crop", type=int,
-                   help="train on random crops of this size, as in diffad train (default: the preset's; 0: none)")
+                   help="train on random crops of this size, as in diffad train (default: the preset's on a "
+                   "texture, whole images on a part against a plain background; 0: none)")
     p.add_argument("--crops-per-image", type=int, help="crops per image and step (default: the preset's)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="as in diffad train: auto (default) uses bf16 only where it is native")
@@ -397,11 +398,14 @@ def run(args) -> int:
     command = command_line(args)
     details = machine()
     unet_lr, seg_lr = trainer.LEARNING_RATES[args.preset]
-    crop, crops_per_image = trainer.crop_setting(args.preset, args.crop, args.crops_per_image)
+    crop, crops_per_image, whole_images_for_objects = trainer.crop_setting(args.preset, args.crop,
+                                                                            args.crops_per_image)
+    whole_images_for_objects = whole_images_for_objects and method == "diffusionad"  # DeCo-Diff: crops as asked
     cfg = trainer.TrainConfig(batch_size=args.batch_size, unet_lr=unet_lr, segmentation_lr=seg_lr,
                                max_steps=args.max_steps, max_minutes=args.max_minutes, seed=seeds[0],
                                workers=args.workers, lr_schedule=args.lr_schedule, device=device,
-                               crop=crop, crops_per_image=crops_per_image, precision=args.precision,
+                               crop=crop, crops_per_image=crops_per_image,
+                               whole_images_for_objects=whole_images_for_objects, precision=args.precision,
                                ema_decay=args.ema_decay, segmentation_input=segmentation_input,
                                **({"focal_gamma": args.focal_gamma} if args.focal_gamma is not None else {}),
                                synthesis=SynthesisConfig(sources=parse_sources(args.anomaly_sources),
@@ -411,7 +415,9 @@ def run(args) -> int:
               "crops_per_image": crops_per_image, "ema_decay": args.ema_decay,
               "focal_gamma": cfg.focal_gamma,
               # only where it departs from the paper's, so records from before the option still match
-              **({"segmentation_input": cfg.segmentation_input} if cfg.segmentation_input != "pair" else {})}
+              **({"segmentation_input": cfg.segmentation_input} if cfg.segmentation_input != "pair" else {}),
+              # the crop above gives way to whole images on a part (the run's "training" says which it took)
+              **({"whole_images_for_objects": True} if whole_images_for_objects else {})}
     records, files, skipped = [], [], []
     for seed, run_dir, members in jobs:
         label = "+".join(m[1] for m in members)

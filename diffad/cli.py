@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, metavar="N",
                    help="train on random N-px crops of the input (a multiple of 16 for small; inference stays on "
                    "the whole image): more distinct samples per step for the same compute; default: the "
-                   "preset's (small: 64 px, 4 per image), 0: whole images")
+                   "preset's (small: 64 px, 4 per image) on a texture, whole images on a part against a plain "
+                   "background (DiffusionAD; the log says which); 0: whole images")
     p.add_argument("--crops-per-image", type=_positive_int, metavar="K",
                    help="crops taken from each image per step, each with its own synthetic anomaly (default: the "
                    "preset's with its crop, else 1)")
@@ -386,14 +387,15 @@ def _train(args) -> int:
         raise ValueError("give a budget: --max-steps, --max-minutes or both")
     if args.crop is not None and args.crop < 0:
         raise ValueError(f"--crop must be 0 (whole images) or a positive size, got {args.crop}")
-    crop, crops_per_image = crop_setting(args.preset, args.crop, args.crops_per_image)
+    crop, crops_per_image, whole_images_for_objects = crop_setting(args.preset, args.crop, args.crops_per_image)
     unet_lr, seg_lr = LEARNING_RATES[args.preset]
     cfg = TrainConfig(
         batch_size=args.batch_size, unet_lr=args.unet_lr or unet_lr, segmentation_lr=args.seg_lr or seg_lr,
         max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed, workers=args.workers,
         lr_schedule=args.lr_schedule, checkpoint_every=args.checkpoint_every, precision=args.precision,
         device=training_device(args.device), crop=crop, crops_per_image=crops_per_image,
-        ema_decay=args.ema_decay, validation_fraction=args.validation_fraction, validate_every=args.validate_every,
+        whole_images_for_objects=whole_images_for_objects, ema_decay=args.ema_decay,
+        validation_fraction=args.validation_fraction, validate_every=args.validate_every,
         standardize=not args.no_standardize, segmentation_input=args.segmentation_input,
         synthesis=dataclasses.replace(SynthesisConfig(), foreground=args.foreground, texture_dir=args.texture_dir,
                                       sources=parse_sources(args.anomaly_sources),

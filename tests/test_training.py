@@ -398,11 +398,46 @@ def test_threshold_from_held_out_images_when_there_is_no_validation_folder(tmp_p
 def test_crop_setting_defaults_by_preset():
     from diffad.training.trainer import CROPS, crop_setting
 
-    assert crop_setting("small", None, None) == CROPS["small"]
-    assert crop_setting("small", 0, None) == (None, 1)         # --crop 0: whole images
-    assert crop_setting("small", 32, None) == (32, 1)
-    assert crop_setting("small", None, 2) == (CROPS["small"][0], 2)
-    assert crop_setting("tiny", None, None) == (None, 1)
+    assert crop_setting("small", None, None) == (*CROPS["small"], True)  # gives way to whole images on a part
+    assert crop_setting("small", 0, None) == (None, 1, False)         # --crop 0: whole images
+    assert crop_setting("small", 32, None) == (32, 1, False)          # asked for: kept on a part too
+    assert crop_setting("small", None, 2) == (CROPS["small"][0], 2, False)
+    assert crop_setting("tiny", None, None) == (None, 1, False)
+
+
+def part_on_plain_background(root: Path, count: int = 16, size: int = 48) -> Path:
+    """A category of good images of a textured disc on a dark, flat background (an object, not a texture)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    (root / "train" / "good").mkdir(parents=True)
+    for i in range(count):
+        centre = size / 2 + rng.uniform(-3, 3, 2)
+        disc = np.hypot(yy - centre[0], xx - centre[1]) < size * 0.3
+        image = np.where(disc, 0.6 + 0.2 * rng.random((size, size)), 0.1) + rng.normal(0, 0.005, (size, size))
+        Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(root / "train" / "good" / f"{i:03d}.png")
+    return root
+
+
+def test_preset_crops_give_way_to_whole_images_on_a_part(category, tmp_path):
+    from diffad.training.trainer import load_training_images, shows_a_part
+
+    part = part_on_plain_background(tmp_path / "disc")
+    _, _, foregrounds, _ = load_training_images(part, 48, None, "auto")
+    assert shows_a_part(foregrounds)
+    _, _, foregrounds, _ = load_training_images(category, 48, None, "auto")
+    assert not shows_a_part(foregrounds) and not shows_a_part(None)
+
+    default = tiny_config(max_steps=1, crop=16, crops_per_image=2, whole_images_for_objects=True)
+    on_part = train(part, tmp_path / "part", "tiny", train_config=default, progress=False)
+    assert (on_part["crop"], on_part["crops_per_image"]) == (None, 1)
+    saved = json.loads((tmp_path / "part" / ckpt.CONFIG_FILE).read_text())["train"]
+    assert (saved["crop"], saved["crops_per_image"]) == (None, 1)  # a resume goes on with whole images
+    on_texture = train(category, tmp_path / "texture", "tiny", train_config=default, progress=False)
+    assert (on_texture["crop"], on_texture["crops_per_image"]) == (16, 2)
+    asked = tiny_config(max_steps=1, crop=16, crops_per_image=2)  # --crop given: the part is cropped too
+    assert train(part, tmp_path / "asked", "tiny", train_config=asked, progress=False)["crop"] == 16
 
 
 @pytest.mark.parametrize("defect, expected", [("one pixel", 0.0), ("large region", "smoothed")])
