@@ -80,6 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="synthetic anomaly sources, as in diffad train (default: its default)")
     p.add_argument("--perlin-scales", metavar="MIN,MAX",
                    help="synthetic anomaly regions' Perlin scales, as in diffad train (default: its default)")
+    p.add_argument("--anomaly-regions", choices=("all", "one"), default="all",
+                   help="synthetic anomaly regions: all or one connected region, as in diffad train (default all)")
     p.add_argument("--crop", type=int,
                    help="train on random crops of this size, as in diffad train (default: the preset's on a "
                    "texture, whole images on a part against a plain background; 0: none)")
@@ -145,6 +147,8 @@ def command_line(args) -> str:
         words += ["--anomaly-sources", args.anomaly_sources]
     if getattr(args, "perlin_scales", None) is not None:
         words += ["--perlin-scales", args.perlin_scales]
+    if getattr(args, "anomaly_regions", "all") != "all":
+        words += ["--anomaly-regions", args.anomaly_regions]
     if args.crop is not None:
         words += ["--crop", str(args.crop)]
     if args.crops_per_image is not None:
@@ -409,6 +413,7 @@ def run(args) -> int:
                                ema_decay=args.ema_decay, segmentation_input=segmentation_input,
                                **({"focal_gamma": args.focal_gamma} if args.focal_gamma is not None else {}),
                                synthesis=SynthesisConfig(sources=parse_sources(args.anomaly_sources),
+                                                         regions=args.anomaly_regions,
                                                          **parse_perlin_scales(args.perlin_scales)))
     budget = {"max_minutes": args.max_minutes, "max_steps": args.max_steps, "batch_size": args.batch_size,
               "lr_schedule": args.lr_schedule, "device": device, "crop": crop,
@@ -469,6 +474,7 @@ def run(args) -> int:
                 "budget": budget,
                 "anomaly_sources": list(cfg.synthesis.sources),
                 "perlin_scales_log2": [cfg.synthesis.min_scale_log2, cfg.synthesis.max_scale_log2],
+                "anomaly_regions": cfg.synthesis.regions,
             }
             if args.d3ad:
                 log.info("%s seed %d: evaluating D3AD's modes on the same model", name, seed)

@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--perlin-scales", action="append", metavar="MIN,MAX",
                         help="also vary the anomaly regions' Perlin scales (repeat the flag): one validation set "
                         "per sources list and scale range (default: the first run's)")
+    parser.add_argument("--anomaly-regions", action="append", choices=("all", "one"),
+                        help="also vary the anomaly regions (repeat the flag): one validation set per sources list, "
+                        "scale range and regions (default: the first run's)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
 
@@ -53,11 +56,14 @@ def main() -> None:
 
     results = {}
     scale_ranges = args.perlin_scales or [None]
-    for text, scales in [(t, r) for t in args.sources for r in scale_ranges]:
-        synthesis = dataclasses.replace(first.synthesis, sources=parse_sources(text), **parse_perlin_scales(scales))
+    regions = args.anomaly_regions or [first.synthesis.regions]
+    for text, scales, region in [(t, r, g) for t in args.sources for r in scale_ranges for g in regions]:
+        synthesis = dataclasses.replace(first.synthesis, sources=parse_sources(text), regions=region,
+                                        **parse_perlin_scales(scales))
         *_, vset, _ = split_validation(args.data_dir, paths, images, foregrounds, channels,
                                        first.validation_fraction, synthesis)
-        label = ",".join(synthesis.sources) + f" @ perlin 2**{synthesis.min_scale_log2}..2**{synthesis.max_scale_log2}"
+        label = (",".join(synthesis.sources) + f" @ perlin 2**{synthesis.min_scale_log2}..2**{synthesis.max_scale_log2}"
+                 + f", {synthesis.regions} region{'s' if synthesis.regions == 'all' else ''}")
         results[label] = {
             "validation": vset.source, "images": len(vset),
             "runs": {run: validate(model, vset) for run, model in models.items()}}
@@ -66,6 +72,8 @@ def main() -> None:
            "run_perlin_scales_log2": {str(run): [saved["train"]["synthesis"]["min_scale_log2"],
                                                  saved["train"]["synthesis"]["max_scale_log2"]]
                                       for run, saved in configs},
+           "run_anomaly_regions": {str(run): saved["train"]["synthesis"].get("regions", "all")
+                                   for run, saved in configs},
            "machine": machine()}
     emit({"command": shlex.join(["python", *sys.argv]), **out}, args.json)
 

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perlin-scales", metavar="MIN,MAX",
                    help="synthetic anomaly regions: Perlin lattice cells per axis from 2**MIN to 2**MAX (default "
                    "0,5; a smaller MAX gives larger, smoother regions)")
+    p.add_argument("--anomaly-regions", choices=("all", "one"), default="all",
+                   help="all: every region of the thresholded noise, a scatter of blobs (default); one: a single "
+                   "connected region of it, one small isolated defect (parts whose defects are tiny cuts or holes)")
     p.add_argument("--anomaly-sources", metavar="LIST",
                    help="what synthetic anomalies are filled with, comma-separated: self (the image, altered "
                    "and shuffled), smudge (the image blurred and darkened or lightened, soft-edged: stains, "
@@ -398,7 +401,7 @@ def _train(args) -> int:
         validation_fraction=args.validation_fraction, validate_every=args.validate_every,
         standardize=not args.no_standardize, segmentation_input=args.segmentation_input,
         synthesis=dataclasses.replace(SynthesisConfig(), foreground=args.foreground, texture_dir=args.texture_dir,
-                                      sources=parse_sources(args.anomaly_sources),
+                                      sources=parse_sources(args.anomaly_sources), regions=args.anomaly_regions,
                                       **parse_perlin_scales(args.perlin_scales)),
     )
     if args.method == "decodiff":

@@ -59,8 +59,10 @@ def test_train_takes_the_anomaly_sources_asked_for(tmp_path, capsys):
     data = make_category(tmp_path / "data", size=32, num_train=4, num_test_good=1, num_test_defect=1)
     run = tmp_path / "run"
     assert main(["train", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "1", "--batch-size", "2",
-                 "--workers", "0", "--anomaly-sources", "smudge, self", "--perlin-scales", "0,3"]) == 0
+                 "--workers", "0", "--anomaly-sources", "smudge, self", "--perlin-scales", "0,3",
+                 "--anomaly-regions", "one"]) == 0
     saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["synthesis"]["regions"] == "one"
     assert saved["train"]["synthesis"]["sources"] == ["smudge", "self"]
     assert (saved["train"]["synthesis"]["min_scale_log2"], saved["train"]["synthesis"]["max_scale_log2"]) == (0, 3)
     for bad, words in (("3,1", "MIN <= MAX"), ("2", "MIN,MAX")):

@@ -11,6 +11,7 @@ from diffad.training.synthesis import (
     SynthesisConfig,
     blur_source,
     estimate_foreground,
+    one_region,
     perlin_mask,
     perlin_noise,
     procedural_texture,
@@ -333,6 +334,32 @@ def test_smudge_masks_are_blobs_not_speckle() -> None:
     assert max(counts) <= 40
 
 
+def test_one_region_keeps_a_single_connected_region_big_enough() -> None:
+    mask = np.zeros((20, 20), dtype=bool)
+    mask[1:3, 1:3] = True      # 4 pixels
+    mask[10:15, 10:15] = True  # 25 pixels
+    mask[15, 15] = True        # touches the square diagonally: the same region (8 neighbours)
+    mask[0, 19] = True         # 1 pixel
+    kept = {int(one_region(mask, 4, np.random.default_rng(seed)).sum()) for seed in range(20)}
+    assert kept == {4, 26}     # either region of 4 or more pixels, whole, never the single pixel
+    assert one_region(mask, 30, np.random.default_rng(0)).sum() == 0
+
+
+def test_one_region_anomalies_are_single_small_defects() -> None:
+    # --anomaly-regions one: each anomaly is one connected region, much smaller than the default's scatter.
+    image = noise_image(1, shape=(128, 128))
+    one = AnomalySynthesizer(SynthesisConfig(regions="one", foreground="none"))
+    every = AnomalySynthesizer(SynthesisConfig(foreground="none"))
+    areas, default_areas = [], []
+    for seed in range(20):
+        out, mask, made = one(image, np.random.default_rng(seed), force=True)
+        assert made and ndimage.label(mask, structure=np.ones((3, 3)))[1] == 1
+        assert np.array_equal(out[mask == 0], image[mask == 0])
+        areas.append(mask.mean())
+        default_areas.append(every(image, np.random.default_rng(seed), force=True)[1].mean())
+    assert np.median(areas) < 0.5 * np.median(default_areas)
+
+
 def test_texture_dir_adds_texture_source(texture_dir) -> None:
     synth = AnomalySynthesizer(SynthesisConfig(texture_dir=str(texture_dir)))
     assert set(synth.sources) == {*SynthesisConfig().sources, "texture"}
@@ -356,6 +383,7 @@ def test_empty_texture_dir_is_an_error(tmp_path) -> None:
         (SynthesisConfig(foreground="object"), "foreground must be 'auto' or 'none', got 'object'"),
         (SynthesisConfig(probability=1.5), r"probability must be in \[0, 1\], got 1.5"),
         (SynthesisConfig(opacity_range=(0.8, 0.2)), "opacity_range must satisfy"),
+        (SynthesisConfig(regions="some"), r"regions must be one of \('all', 'one'\), got 'some'"),
     ],
 )
 def test_invalid_config_is_rejected(config: SynthesisConfig, message: str) -> None:

@@ -75,6 +75,9 @@ class SynthesisConfig:
     texture_dir: str | None = None  # optional folder of texture images; adds source "texture"
     foreground: str = "auto"  # "auto" (estimate) or "none" (whole image, for textures)
     min_mask_fraction: float = 0.001  # retry when the mask inside the foreground is smaller
+    # "all": every region of the thresholded noise; "one": a single connected region of it, chosen at
+    # random (one small, isolated defect, as a tire's cut or hole, instead of a scatter of blobs).
+    regions: str = "all"
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,6 +151,21 @@ def perlin_mask(shape: tuple[int, int], rng: np.random.Generator, config: Synthe
     px = (sin * yy + cos * xx) * (sx / w)
     noise = _gradient_noise(py - py.min(), px - px.min(), rng)
     return noise > config.threshold
+
+
+ANOMALY_REGIONS = ("all", "one")
+_EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
+
+
+def one_region(mask: np.ndarray, min_pixels: float, rng: np.random.Generator) -> np.ndarray:
+    """One connected region (8-neighbour) of a boolean mask, chosen at random among those of at least
+    `min_pixels`; all False when there is none."""
+    labels, count = ndimage.label(mask, structure=_EIGHT_NEIGHBOURS)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    big_enough = np.flatnonzero(sizes >= min_pixels) + 1
+    if len(big_enough) == 0:
+        return np.zeros_like(mask, dtype=bool)
+    return labels == big_enough[int(rng.integers(0, len(big_enough)))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,6 +569,8 @@ def _validate(config: SynthesisConfig) -> None:
         raise ValueError(f"unknown anomaly sources {sorted(unknown)}; known: {KNOWN_SOURCES}")
     if config.foreground not in ("auto", "none"):
         raise ValueError(f"foreground must be 'auto' or 'none', got {config.foreground!r}")
+    if config.regions not in ANOMALY_REGIONS:
+        raise ValueError(f"regions must be one of {ANOMALY_REGIONS}, got {config.regions!r}")
 
 
 class AnomalySynthesizer:
@@ -617,6 +637,8 @@ class AnomalySynthesizer:
         needed = max(1.0, self.config.min_mask_fraction * float(region.sum()))
         for _ in range(_MASK_ATTEMPTS):
             mask = perlin_mask((h, w), rng, mask_config) & region
+            if self.config.regions == "one":
+                mask = one_region(mask, needed, rng)
             if mask.sum() >= needed:
                 break
         else:
