@@ -20,6 +20,7 @@ method's own rule, "default_rule"), so its test figure against the default's is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -35,7 +36,7 @@ from diffad.models import checkpoint as ckpt
 from diffad.models.map_reference import MapReference
 from diffad.training.data import find_validation_images
 from diffad.training.score_rule import best_rule, candidate_rules
-from diffad.training.trainer import holdout_split, load_training_images, run_validation_set
+from diffad.training.trainer import _train_config_from_dict, holdout_split, load_training_images, run_validation_set
 
 TOP_K = (10, 50, 200, 1000)
 
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", nargs="+", metavar="RESULT", help="summarise results of this script instead")
     parser.add_argument("--reference", type=int, default=64, metavar="N",
                         help="training images whose per-pixel map mean and std centre the map (default 64)")
+    parser.add_argument("--anomaly-regions", choices=("all", "one"),
+                        help="validate on anomalies of all regions or of one small region (default: the run's own)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     if args.table:
@@ -130,7 +133,11 @@ def main(argv: list[str] | None = None) -> None:
 
     model = ckpt.load_model(args.run_dir)
     size, channels = model.config.image_size, model.config.in_channels
-    vset = run_validation_set(args.run_dir, args.data_dir, size, channels)
+    saved = json.loads((Path(args.run_dir) / ckpt.CONFIG_FILE).read_text())
+    synthesis = _train_config_from_dict(saved["train"]).synthesis
+    if args.anomaly_regions:
+        synthesis = dataclasses.replace(synthesis, regions=args.anomaly_regions)
+    vset = run_validation_set(args.run_dir, args.data_dir, size, channels, synthesis)
     if vset is None:
         sys.exit(f"{args.run_dir} has no validation set to choose a rule on")
     test = read_test_set(args.data_dir, size, channels)
@@ -150,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"validation would choose: {best}; among training's candidates: {chosen} (test {test_figures[chosen]:.3f}, "
           f"the method's own {rule_label(*default)}: {test_figures[rule_label(*default)]:.3f})")
     emit({"command": shlex.join(["python", *sys.argv]), "run": str(args.run_dir), "data": str(args.data_dir),
-          "validation_images": len(vset), "test_images": len(test.labels), "reference_images": len(reference_images),
+          "validation_images": len(vset), "anomaly_regions": synthesis.regions,
+          "test_images": len(test.labels), "reference_images": len(reference_images),
           "model_rule": rule_label(getattr(model.config, "score_reference", False), model.config.top_k),
           "default_rule": rule_label(*default), "candidate_choice": chosen,
           "validation_image_auroc": validation, "test_image_auroc": test_figures,
