@@ -8,17 +8,17 @@ AUROC of 0.5 between them: no shift from training to test, so the scores' overla
 test labels, so its figures explain a result; they must not pick a setting
 (choose on the validation set: `diffad train` does).
 
-    python bench/score_location.py runs/bench/mvtec3d_tire_small_seed0 ../shared/datasets/mvtec3d_tire
+    python bench/score_location.py runs/bench/mvtec3d_tire_small_seed0 ../shared/datasets/mvtec3d_tire [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 
 import numpy as np
+from diffad.benchmarks.throughput import emit, machine
 from diffad.evaluation.evaluate import predict
 from diffad.models import checkpoint as ckpt
 from diffad.training.data import find_test_samples, read_image
@@ -36,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
     parser.add_argument("data_dir")
+    parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()
 
     model = ckpt.load_model(args.run_dir)
@@ -74,7 +75,7 @@ def main() -> None:
                "test good against held-out good": against_held_out(scores[labels == 0]),
                "test defective against held-out good": against_held_out(scores[labels == 1])},
            "held_out_good_images": int(len(held_out_scores))}
-    print(json.dumps(out, indent=2))
+    emit({**out, "machine": machine()}, args.json)
 
 
 if __name__ == "__main__":
