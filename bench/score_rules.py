@@ -36,6 +36,7 @@ from diffad.models import checkpoint as ckpt
 from diffad.models.map_reference import MapReference
 from diffad.training.data import find_validation_images
 from diffad.training.score_rule import best_rule, candidate_rules
+from diffad.training.synthesis import ANOMALY_REGIONS
 from diffad.training.trainer import _train_config_from_dict, holdout_split, load_training_images, run_validation_set
 
 TOP_K = (10, 50, 200, 1000)
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", nargs="+", metavar="RESULT", help="summarise results of this script instead")
     parser.add_argument("--reference", type=int, default=64, metavar="N",
                         help="training images whose per-pixel map mean and std centre the map (default 64)")
-    parser.add_argument("--anomaly-regions", choices=("all", "one"),
+    parser.add_argument("--anomaly-regions", choices=ANOMALY_REGIONS,
                         help="validate on anomalies of all regions or of one small region (default: the run's own)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)

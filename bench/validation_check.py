@@ -23,7 +23,7 @@ import numpy as np
 from diffad.benchmarks.throughput import emit, machine
 from diffad.models import checkpoint as ckpt
 from diffad.training.data import find_train_images, read_images
-from diffad.training.synthesis import estimate_foreground, parse_perlin_scales, parse_sources
+from diffad.training.synthesis import ANOMALY_REGIONS, estimate_foreground, parse_perlin_scales, parse_sources
 from diffad.training.trainer import _train_config_from_dict, split_validation, validate
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--perlin-scales", action="append", metavar="MIN,MAX",
                         help="also vary the anomaly regions' Perlin scales (repeat the flag): one validation set "
                         "per sources list and scale range (default: the first run's)")
-    parser.add_argument("--anomaly-regions", action="append", choices=("all", "one"),
+    parser.add_argument("--anomaly-regions", action="append", choices=ANOMALY_REGIONS,
                         help="also vary the anomaly regions (repeat the flag): one validation set per sources list, "
                         "scale range and regions (default: the first run's)")
     parser.add_argument("--json", type=Path, help="also write the result here")
