@@ -82,6 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="synthetic anomaly regions' Perlin scales, as in diffad train (default: its default)")
     p.add_argument("--anomaly-regions", choices=("all", "one"), default="all",
                    help="synthetic anomaly regions: all or one connected region, as in diffad train (default all)")
+    p.add_argument("--map-sigma", type=float, metavar="SIGMA",
+                   help="fix the map's smoothing, as in diffad train (default: chosen on the validation set)")
     p.add_argument("--crop", type=int,
                    help="train on random crops of this size, as in diffad train (default: the preset's on a "
                    "texture, whole images on a part against a plain background; 0: none)")
@@ -149,6 +151,8 @@ def command_line(args) -> str:
         words += ["--perlin-scales", args.perlin_scales]
     if getattr(args, "anomaly_regions", "all") != "all":
         words += ["--anomaly-regions", args.anomaly_regions]
+    if getattr(args, "map_sigma", None) is not None:
+        words += ["--map-sigma", f"{args.map_sigma:g}"]
     if args.crop is not None:
         words += ["--crop", str(args.crop)]
     if args.crops_per_image is not None:
@@ -365,6 +369,11 @@ def run(args) -> int:
     segmentation_input = getattr(args, "segmentation_input", "pair")
     if method == "decodiff" and segmentation_input != "pair":
         raise ValueError("--segmentation-input is DiffusionAD's: DeCo-Diff has no segmentation network")
+    map_sigma = getattr(args, "map_sigma", None)
+    if method == "decodiff" and map_sigma is not None:
+        raise ValueError("--map-sigma is DiffusionAD's: DeCo-Diff's map keeps the paper's blur")
+    if map_sigma is not None and not 0 <= map_sigma < float("inf"):
+        raise ValueError(f"--map-sigma must be 0 (no smoothing) or a positive number of pixels, got {map_sigma}")
     if multi_class and (method != "decodiff" or len(args.datasets) < 2):
         raise ValueError("--multi-class trains one DeCo-Diff model for several categories: it needs --method "
                          "decodiff and at least two DATASETs")
@@ -411,6 +420,7 @@ def run(args) -> int:
                                crop=crop, crops_per_image=crops_per_image,
                                whole_images_for_objects=whole_images_for_objects, precision=args.precision,
                                ema_decay=args.ema_decay, segmentation_input=segmentation_input,
+                               map_sigma_candidates=None if map_sigma is None else (map_sigma,),
                                **({"focal_gamma": args.focal_gamma} if args.focal_gamma is not None else {}),
                                synthesis=SynthesisConfig(sources=parse_sources(args.anomaly_sources),
                                                          regions=args.anomaly_regions,
@@ -421,6 +431,7 @@ def run(args) -> int:
               "focal_gamma": cfg.focal_gamma,
               # only where it departs from the paper's, so records from before the option still match
               **({"segmentation_input": cfg.segmentation_input} if cfg.segmentation_input != "pair" else {}),
+              **({"map_sigma": map_sigma} if map_sigma is not None else {}),
               # the crop above gives way to whole images on a part (the run's "training" says which it took)
               **({"whole_images_for_objects": True} if whole_images_for_objects else {})}
     records, files, skipped = [], [], []

@@ -303,9 +303,10 @@ def test_bench_quality_writes_records_the_readme_table_renders(category, tmp_pat
         assert set(METRICS) <= set(mode) and mode["inference_images_per_s"] > 0
 
     # another input size and a setting label make another group, named for them, next to the preset's own
-    assert main([*args, "--image-size", "24", "--setting", "crop24"]) == 0
+    assert main([*args, "--image-size", "24", "--setting", "crop24", "--map-sigma", "1.5"]) == 0
     other = json.loads((out_dir / "weave_tiny_24px_crop24_seed0.json").read_text())
     assert other["training"]["image_size"] == 24 and "--image-size 24" in other["command"]
+    assert other["training"]["map_sigma"] == other["budget"]["map_sigma"] == 1.5  # the smoothing asked for
     assert other["group"] == "weave_tiny_24px_crop24" and other["setting"] == "crop24"
     assert (runs_dir / "weave_tiny_24px_crop24_seed0" / "model.safetensors").is_file() and path.is_file()
     assert "| `weave` | tiny, 24 px, crop24 | 1 | " in render_results_module().table(out_dir)

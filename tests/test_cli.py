@@ -89,6 +89,22 @@ def test_train_takes_the_segmentation_input_asked_for(tmp_path, capsys):
     assert not (tmp_path / "deco").exists()
 
 
+def test_train_keeps_the_map_smoothing_asked_for(tmp_path, capsys):
+    data = make_category(tmp_path / "data", size=32, num_train=8, num_test_good=1, num_test_defect=1)
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "2", "--batch-size", "2",
+                 "--workers", "0", "--map-sigma", "2.5"]) == 0
+    assert load_model(run).config.map_sigma == 2.5
+    assert json.loads((run / "config.json").read_text())["train"]["map_sigma_candidates"] == [2.5]
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", str(data), "--out", str(tmp_path / "bad"), "--max-steps", "1", "--map-sigma", bad])
+        assert exit_info.value.code == 2 and "--map-sigma" in capsys.readouterr().err
+    assert main(["train", str(data), "--out", str(tmp_path / "deco"), "--method", "decodiff", "--max-steps", "1",
+                 "--map-sigma", "2"]) == 2
+    assert "DiffusionAD's" in capsys.readouterr().err and not (tmp_path / "deco").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_train_on_a_missing_gpu_is_a_clear_error(tmp_path, capsys):
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "run"), "--max-steps", "1", "--device", "cuda"]) == 2

@@ -98,7 +98,8 @@ class TrainConfig:
     validation_fraction: float = 0.1
     validate_every: int = 100
     t_s_candidates: tuple[int, ...] = (100, 150, 200, 250, 300)  # chosen on the validation set at the end
-    map_sigma_candidates: tuple[float, ...] | None = None  # then the map smoothing; None: 0, s/2, s, 2s of the preset's
+    # then the map smoothing; None: 0, s/2, s, 2s of the preset's; one value: the user's, kept without a choice
+    map_sigma_candidates: tuple[float, ...] | None = None
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
 
 
@@ -469,6 +470,8 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
     if not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.validation_fraction < 1:
         raise ValueError(f"ema_decay and validation_fraction must be in [0, 1), got {cfg.ema_decay} and "
                          f"{cfg.validation_fraction}")
+    if cfg.map_sigma_candidates is not None and (not cfg.map_sigma_candidates or min(cfg.map_sigma_candidates) < 0):
+        raise ValueError(f"map_sigma_candidates must be one or more sigmas >= 0, got {cfg.map_sigma_candidates}")
 
     torch.manual_seed(cfg.seed)
     paths, images, foregrounds, channels = load_training_images(
@@ -605,9 +608,13 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
         final, chosen_step = copy.deepcopy(ema.model if ema else model), step
     reestimate_batchnorm(final, images[:128])
     t_s_selection = select_t_s(final, vset, cfg.t_s_candidates) if vset is not None else None
-    sigma_selection = (select_map_sigma(final, vset, cfg.map_sigma_candidates or
-                                        map_sigma_candidates(final.config.map_sigma))
-                       if vset is not None else None)
+    sigma_selection = None
+    if cfg.map_sigma_candidates is not None and len(cfg.map_sigma_candidates) == 1:
+        final.set_map_sigma(cfg.map_sigma_candidates[0])  # the user's: nothing to choose
+        log.info("map smoothing fixed at sigma %g, not chosen on validation", final.config.map_sigma)
+    elif vset is not None:
+        sigma_selection = select_map_sigma(final, vset, cfg.map_sigma_candidates or
+                                           map_sigma_candidates(final.config.map_sigma))
     score_selection = None
     if vset is not None:  # last: the reference is of the maps that the chosen t_s and smoothing make
         fit_map_reference(final, images[:REFERENCE_IMAGES])
@@ -672,7 +679,8 @@ def select_t_s(model: DiffusionAD, vset: ValidationSet, candidates: tuple[int, .
 
 @torch.inference_mode()
 def select_map_sigma(model: DiffusionAD, vset: ValidationSet, candidates: tuple[float, ...]) -> dict:
-    """Set the map smoothing to the candidate with the best validation score (ties: the model's own).
+    """Set the map smoothing to the candidate with the best validation score (ties: the model's own, if a
+    candidate, else the least smoothing).
 
     Small defects (a few pixels) fade under a wide blur, coarse masks want one: the category decides. The
     network runs once; each candidate only smooths its maps again.
@@ -682,7 +690,7 @@ def select_map_sigma(model: DiffusionAD, vset: ValidationSet, candidates: tuple[
     raw, _ = predict(model, vset.images, progress=False)
     raw = torch.from_numpy(raw)[:, None]
     scores = {}
-    for sigma in sorted({*candidates, default}):
+    for sigma in sorted(set(candidates)):
         maps = smooth_map(raw, gaussian_kernel(sigma)) if sigma > 0 else raw
         scores[sigma] = validation_metrics(vset, maps[:, 0].numpy(), model.score(maps).numpy())["score"]
     best = max(scores, key=lambda s: (scores[s], s == default))
