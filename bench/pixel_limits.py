@@ -12,16 +12,20 @@
 It reads test labels to explain figures, never to choose anything.
 
     python bench/pixel_limits.py RUN DATA [--json OUT]
+    python bench/pixel_limits.py --table RESULT.json [RESULT.json ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
+from diffad.benchmarks.quality import mean_std_cell
 from diffad.benchmarks.throughput import emit, machine
 from diffad.evaluation.evaluate import predict, read_test_set
 from diffad.evaluation.metrics import aupro, pixel_ap, pixel_auroc
@@ -60,14 +64,34 @@ def smoothed(raw: np.ndarray, sigma: float) -> np.ndarray:
     return smooth_map(torch.from_numpy(raw)[:, None], gaussian_kernel(sigma))[:, 0].numpy() if sigma > 0 else raw
 
 
+def table(paths: list[str]) -> None:
+    """Per smoothing: the runs' validation and test pixel figures (mean ± std), and how many runs had it."""
+    results = [json.loads(Path(path).read_text()) for path in paths]
+    columns = ("validation_pixel_auroc", "validation_pixel_ap", "pixel_auroc", "pixel_aupro", "pixel_ap")
+    print("| map sigma | the runs' own | validation pixel AUROC | validation pixel AP | test pixel AUROC | test AUPRO "
+          "| test pixel AP |")
+    print("|---|---|" + "---|" * len(columns))
+    sigmas = sorted({sigma for r in results for sigma in r["by_map_sigma"]}, key=float)
+    for sigma in sigmas:
+        rows = [r["by_map_sigma"][sigma] for r in results if sigma in r["by_map_sigma"]]
+        own = sum(f"{r['model_map_sigma']:g}" == sigma for r in results)
+        cells = [mean_std_cell(np.array([row[c] for row in rows if c in row])) for c in columns]
+        print(f"| {sigma} | {own} of {len(results)} | " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir")
-    parser.add_argument("data_dir")
+    parser.add_argument("run_dir", nargs="?")
+    parser.add_argument("data_dir", nargs="?")
+    parser.add_argument("--table", nargs="+", metavar="RESULT", help="summarise results of this script instead")
     parser.add_argument("--bands", default=",".join(map(str, BANDS)),
                         help=f"band widths in pixels at the model's input size (default {','.join(map(str, BANDS))})")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
+    if args.table:
+        return table(args.table)
+    if not (args.run_dir and args.data_dir):
+        parser.error("give RUN and DATA, or --table")
     widths = sorted({int(w) for w in args.bands.split(",")})
 
     model = ckpt.load_model(args.run_dir)
