@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffad.benchmarks.quality import mean_std_cell
+from diffad.benchmarks.score_rules import parse_run_or_table
 from diffad.benchmarks.throughput import emit, machine
 from diffad.evaluation.evaluate import predict, read_test_set
 from diffad.evaluation.metrics import aupro, pixel_ap, pixel_auroc
@@ -68,7 +69,7 @@ def table(paths: list[str]) -> None:
     """Per smoothing: the runs' validation and test pixel figures (mean ± std), and how many runs had it."""
     results = [json.loads(Path(path).read_text()) for path in paths]
     columns = ("validation_pixel_auroc", "validation_pixel_ap", "pixel_auroc", "pixel_aupro", "pixel_ap")
-    print("| map sigma | the runs' own | validation pixel AUROC | validation pixel AP | test pixel AUROC | test AUPRO "
+    print("| map sigma | runs that chose it | validation pixel AUROC | validation pixel AP | test pixel AUROC | test AUPRO "
           "| test pixel AP |")
     print("|---|---|" + "---|" * len(columns))
     sigmas = sorted({sigma for r in results for sigma in r["by_map_sigma"]}, key=float)
@@ -86,12 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", nargs="+", metavar="RESULT", help="summarise results of this script instead")
     parser.add_argument("--bands", default=",".join(map(str, BANDS)),
                         help=f"band widths in pixels at the model's input size (default {','.join(map(str, BANDS))})")
-    parser.add_argument("--json", help="also write the result here")
-    args = parser.parse_args(argv)
+    args = parse_run_or_table(parser, argv)
     if args.table:
         return table(args.table)
-    if not (args.run_dir and args.data_dir):
-        parser.error("give RUN and DATA, or --table")
     widths = sorted({int(w) for w in args.bands.split(",")})
 
     model = ckpt.load_model(args.run_dir)

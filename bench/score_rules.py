@@ -116,6 +116,15 @@ def figures(results: list[dict], split: str, rule_key: str) -> np.ndarray:
     return np.array([r[f"{split}_image_auroc"][r[rule_key]] for r in results])
 
 
+def parse_run_or_table(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """A bench script's arguments: RUN and DATA to measure one run, or --table RESULT... to summarise; --json."""
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args(argv)
+    if not args.table and not (args.run_dir and args.data_dir):
+        parser.error("give RUN and DATA, or --table")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", nargs="?")
@@ -125,12 +134,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="training images whose per-pixel map mean and std centre the map (default 64)")
     parser.add_argument("--anomaly-regions", choices=ANOMALY_REGIONS,
                         help="validate on anomalies of all regions or of one small region (default: the run's own)")
-    parser.add_argument("--json", help="also write the result here")
-    args = parser.parse_args(argv)
+    args = parse_run_or_table(parser, argv)
     if args.table:
         return table(args.table)
-    if not (args.run_dir and args.data_dir):
-        parser.error("give RUN and DATA, or --table")
 
     model = ckpt.load_model(args.run_dir)
     size, channels = model.config.image_size, model.config.in_channels
