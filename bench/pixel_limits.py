@@ -69,8 +69,8 @@ def table(paths: list[str]) -> None:
     """Per smoothing: the runs' validation and test pixel figures (mean ± std), and how many runs had it."""
     results = [json.loads(Path(path).read_text()) for path in paths]
     columns = ("validation_pixel_auroc", "validation_pixel_ap", "pixel_auroc", "pixel_aupro", "pixel_ap")
-    print("| map sigma | runs that chose it | validation pixel AUROC | validation pixel AP | test pixel AUROC | test AUPRO "
-          "| test pixel AP |")
+    print("| map sigma | runs that chose it | validation pixel AUROC | validation pixel AP | test pixel AUROC "
+          "| test AUPRO | test pixel AP |")
     print("|---|---|" + "---|" * len(columns))
     sigmas = sorted({sigma for r in results for sigma in r["by_map_sigma"]}, key=float)
     for sigma in sigmas:
