@@ -484,14 +484,15 @@ def test_map_smoothing_is_chosen_on_the_validation_set(monkeypatch, defect, expe
 @pytest.mark.parametrize("validation_fraction", [0.1, 0.0])
 def test_map_smoothing_given_by_the_user_is_kept_without_a_choice(tmp_path, validation_fraction):
     """--map-sigma: the model, its saved config and a new run's summary keep the user's sigma, validation
-    set or not; a negative one is refused before any work."""
+    set or not; a negative, NaN or infinite one is refused before any work."""
     part = part_on_plain_background(tmp_path / "disc")  # no validation/good: held-out train images validate
     cfg = tiny_config(max_steps=2, map_sigma_candidates=(3.5,), validation_fraction=validation_fraction)
     summary = train(part, tmp_path / "run", "tiny", train_config=cfg, progress=False)
     assert summary["map_sigma"] == 3.5 and ckpt.load_model(tmp_path / "run").config.map_sigma == 3.5
     if validation_fraction:
         assert summary["validation"]["map_sigma_selection"] is None  # nothing was chosen
-    with pytest.raises(ValueError, match="map_sigma_candidates"):
-        train(part, tmp_path / "bad", "tiny", train_config=tiny_config(max_steps=1, map_sigma_candidates=(-1.0,)),
-              progress=False)
-    assert not (tmp_path / "bad" / ckpt.MODEL_FILE).exists()
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="map_sigma_candidates"):
+            train(part, tmp_path / "bad", "tiny", train_config=tiny_config(max_steps=1, map_sigma_candidates=(bad,)),
+                  progress=False)
+        assert not (tmp_path / "bad" / ckpt.MODEL_FILE).exists()

@@ -470,8 +470,9 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
     if not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.validation_fraction < 1:
         raise ValueError(f"ema_decay and validation_fraction must be in [0, 1), got {cfg.ema_decay} and "
                          f"{cfg.validation_fraction}")
-    if cfg.map_sigma_candidates is not None and (not cfg.map_sigma_candidates or min(cfg.map_sigma_candidates) < 0):
-        raise ValueError(f"map_sigma_candidates must be one or more sigmas >= 0, got {cfg.map_sigma_candidates}")
+    if cfg.map_sigma_candidates is not None and not (
+            cfg.map_sigma_candidates and all(0 <= s < math.inf for s in cfg.map_sigma_candidates)):
+        raise ValueError(f"map_sigma_candidates must be one or more finite sigmas >= 0, got {cfg.map_sigma_candidates}")
 
     torch.manual_seed(cfg.seed)
     paths, images, foregrounds, channels = load_training_images(
