@@ -154,6 +154,12 @@ class CategoryModel:
 ServedModel = ModelRuntime | CategoryModel
 
 
+async def infer_on_serving_batcher(model: ServedModel, image: np.ndarray, deadline: float, admission=None):
+    """Queue one image on the batcher that serves when this coroutine starts, not when it was made: a task
+    starts a step later, and a reload may switch batchers (closing the old one) in between."""
+    return await model.batcher.infer(image, deadline, admission)
+
+
 def describe_model(model: ServedModel) -> dict:
     """A served model as /models lists it."""
     spec = model.bundle.input

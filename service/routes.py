@@ -24,7 +24,7 @@ from .batcher import (
 from .deps import API_KEY_HEADER, MetricsDep, RegistryDep, SettingsDep, api_key_accepted, require_api_key
 from .images import ImageError, check_content_type, decode_image, encode_map_png, map_size
 from .metrics import MODEL_STATE_KEY
-from .models import ModelRegistry, ReloadError, ServedModel
+from .models import ModelRegistry, ReloadError, ServedModel, infer_on_serving_batcher
 from .schemas import (
     BatchInspectResponse,
     BatchItem,
@@ -190,7 +190,8 @@ async def inspect(
         _check_serving(registry, runtime, admission)
         deadline = time.monotonic() + settings.request_timeout_s
         decoded = await _decode_upload(request, runtime, settings, file)
-        result = await _unless_disconnected(request, runtime.batcher.infer(decoded.array, deadline, admission))
+        queued = infer_on_serving_batcher(runtime, decoded.array, deadline, admission)
+        result = await _unless_disconnected(request, queued)
         body = await _result_body(request, runtime, settings, result, decoded, threshold, map_format, started)
         timings = body["timings_ms"]
         setattr(request.state, TIMINGS_STATE_KEY, {"queue_ms": timings.queue, "inference_ms": timings.inference,
@@ -241,7 +242,7 @@ async def inspect_batch(
                 place = place or runtime.batcher.admit()  # the first file has the request's place
                 try:
                     decoded = await _decode_upload(request, runtime, settings, file)
-                    result = await runtime.batcher.infer(decoded.array, deadline, place)
+                    result = await infer_on_serving_batcher(runtime, decoded.array, deadline, place)
                 finally:
                     place.release()
                 body = await _result_body(request, runtime, settings, result, decoded, threshold, map_format,

@@ -5,6 +5,7 @@ the old one serving. The version (ONNX hash) is in every answer, in /models and 
 import asyncio
 import json
 import shutil
+import time
 
 import pytest
 from diffad.evaluation.evaluate import CALIBRATION_FILE
@@ -12,6 +13,7 @@ from diffad.export.bundle import load_bundle, seal_bundle
 from diffad.export.exporter import export_bundle
 from diffad.export.parity import onnxruntime_runner
 from diffad.models import checkpoint as ckpt
+from diffad.service.models import infer_on_serving_batcher
 from prometheus_client.parser import text_string_to_metric_families
 from test_service import CALIBRATION, as_batch, encode, make_settings, make_tiny_bundle, noise_image, serving, upload
 from tiny_models import perturbed_tiny_model
@@ -63,7 +65,7 @@ def test_reload_switches_to_the_new_version_under_load(served, new_version):
             async def client(mine: list[str]):
                 while not stop.is_set():
                     r = await c.post("/inspect?map=none", files=upload(encode(image)))
-                    answers.append((r.status_code, r.json().get("model_version")))
+                    answers.append((r.status_code, r.json().get("model_version") or r.json().get("detail")))
                     mine.append(r.json().get("model_version"))
 
             clients = [asyncio.create_task(client(mine)) for mine in per_client]
@@ -85,7 +87,7 @@ def test_reload_switches_to_the_new_version_under_load(served, new_version):
     assert reload.status_code == 200, reload.text
     body = reload.json()
     assert (body["reloaded"], body["version"], body["previous_version"]) == (True, new, old_version)
-    assert all(status == 200 for status, _ in answers), [s for s, _ in answers if s != 200]
+    assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200]
     assert {v for _, v in answers} == {old_version, new}
     for versions in per_client:  # each client sends one request after the other: one switch, no going back
         switch = versions.index(new) if new in versions else len(versions)
@@ -93,6 +95,28 @@ def test_reload_switches_to_the_new_version_under_load(served, new_version):
     assert last["model_version"] == new and last["image_score"] == pytest.approx(expected_new, abs=1e-5)
     assert models[0]["version"] == new and models[0]["state"] == "ready"
     assert model_info(metrics) == {new: 1.0}, "the old version's series is gone"
+
+
+def test_an_image_queued_across_a_reload_is_answered_by_the_new_version(served, new_version):
+    """The route makes its inference coroutine, then a task starts it a step later: a reload that switches
+    batchers in between (the old one closed) must not turn the request into a 503."""
+    image = noise_image(40, 30, seed=4)
+    new = load_bundle(new_version).version
+
+    async def scenario():
+        async with serving(make_settings(served)) as (app, _):
+            registry = app.state.registry
+            runtime = registry.find(None)
+            old_batcher = runtime.batcher
+            work = infer_on_serving_batcher(runtime, as_batch(image)[0], time.monotonic() + 30)
+            replace_bundle(served, new_version)
+            reloaded = await registry.reload("weave")
+            return reloaded, old_batcher is runtime.batcher, await work, runtime.bundle.version
+
+    reloaded, same_batcher, result, version = asyncio.run(scenario())
+    assert reloaded["reloaded"] and not same_batcher and version == new
+    expected = onnxruntime_runner(load_bundle(new_version).onnx_path)(as_batch(image))[1][0]
+    assert result.score == pytest.approx(float(expected), abs=1e-5)
 
 
 def test_a_broken_new_version_leaves_the_old_one_serving(served):
