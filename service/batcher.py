@@ -95,6 +95,15 @@ class _Pending:
 _STOP = object()
 
 
+async def wait_for_result(future: asyncio.Future, deadline: float) -> InferenceResult:
+    """A queued image's result, or RequestTimeoutError at deadline (time.monotonic()). On timeout, or the
+    caller's cancellation, the future is cancelled: the worker skips the image."""
+    try:
+        return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        raise RequestTimeoutError("the request outlived its timeout") from None
+
+
 def _fail(items: list[_Pending], error: Exception) -> None:
     """Answer with `error` every request of items not answered (or cancelled) already."""
     for item in items:
@@ -180,11 +189,12 @@ class DynamicBatcher:
             self.worker_restarts += 1
             self._start_worker()
 
-    async def infer(self, image: np.ndarray, deadline: float, admission: Admission | None = None,
-                    category: int | None = None) -> InferenceResult:
-        """Queue one image (uint8 C x H x W) and wait for its result until deadline (time.monotonic()); an
-        admission's place becomes the queued request's. category: the image's index into a multi-category
-        bundle's categories (the batcher then runs batches with their indices)."""
+    def submit(self, image: np.ndarray, deadline: float, admission: Admission | None = None,
+               category: int | None = None) -> asyncio.Future:
+        """Queue one image (uint8 C x H x W) now, in the caller's step of the event loop, and return the
+        future of its result (await it with `wait_for_result`; cancel it to have the batcher skip the image).
+        An admission's place becomes the queued request's. category: the image's index into a
+        multi-category bundle's categories (the batcher then runs batches with their indices)."""
         if admission is not None:
             admission.release()
         if not self._accepting:
@@ -198,11 +208,12 @@ class DynamicBatcher:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
             raise QueueFullError(self.retry_after_s()) from None
-        try:
-            # On timeout (or the caller's cancellation) wait_for cancels the future: the worker skips it.
-            return await asyncio.wait_for(pending.future, deadline - now)
-        except asyncio.TimeoutError:
-            raise RequestTimeoutError("the request outlived its timeout") from None
+        return pending.future
+
+    async def infer(self, image: np.ndarray, deadline: float, admission: Admission | None = None,
+                    category: int | None = None) -> InferenceResult:
+        """`submit`, then wait for the result until deadline (time.monotonic())."""
+        return await wait_for_result(self.submit(image, deadline, admission, category), deadline)
 
     def retry_after_s(self) -> int:
         """Whole seconds until the queue has likely drained by a batch's worth (at least 1)."""

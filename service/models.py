@@ -88,7 +88,7 @@ class ModelRuntime:
 
 
 class CategoryQueue:
-    """A category's way into its runtime's batcher: the batcher's admit and infer, with the category's index."""
+    """A category's way into its runtime's batcher: the batcher's admit and submit, with the category's index."""
 
     def __init__(self, batcher: DynamicBatcher, category_index: int):
         self.batcher, self.category_index = batcher, category_index
@@ -100,8 +100,8 @@ class CategoryQueue:
     def admit(self):
         return self.batcher.admit()
 
-    async def infer(self, image: np.ndarray, deadline: float, admission=None):
-        return await self.batcher.infer(image, deadline, admission, category=self.category_index)
+    def submit(self, image: np.ndarray, deadline: float, admission=None) -> asyncio.Future:
+        return self.batcher.submit(image, deadline, admission, category=self.category_index)
 
 
 @dataclass(eq=False)
@@ -154,10 +154,12 @@ class CategoryModel:
 ServedModel = ModelRuntime | CategoryModel
 
 
-async def infer_on_serving_batcher(model: ServedModel, image: np.ndarray, deadline: float, admission=None):
-    """Queue one image on the batcher that serves when this coroutine starts, not when it was made: a task
-    starts a step later, and a reload may switch batchers (closing the old one) in between."""
-    return await model.batcher.infer(image, deadline, admission)
+def queue_image(model: ServedModel, image: np.ndarray, deadline: float,
+                admission=None) -> tuple[Bundle, asyncio.Future]:
+    """Queue one image on the model's batcher now; the version that will answer it (its bundle, whose
+    calibration applies) and the result's future. A reload switches bundle and batcher in one step of the
+    event loop, so the pair always matches, even while requests queued on the old batcher finish there."""
+    return model.bundle, model.batcher.submit(image, deadline, admission)
 
 
 def describe_model(model: ServedModel) -> dict:

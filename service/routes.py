@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Upl
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from ..export.bundle import Bundle
 from .batcher import (
     Admission,
     BatcherClosedError,
@@ -20,11 +21,12 @@ from .batcher import (
     QueueFullError,
     RequestTimeoutError,
     UpstreamError,
+    wait_for_result,
 )
 from .deps import API_KEY_HEADER, MetricsDep, RegistryDep, SettingsDep, api_key_accepted, require_api_key
 from .images import ImageError, check_content_type, decode_image, encode_map_png, map_size
 from .metrics import MODEL_STATE_KEY
-from .models import ModelRegistry, ReloadError, ServedModel, infer_on_serving_batcher
+from .models import ModelRegistry, ReloadError, ServedModel, queue_image
 from .schemas import (
     BatchInspectResponse,
     BatchItem,
@@ -190,9 +192,13 @@ async def inspect(
         _check_serving(registry, runtime, admission)
         deadline = time.monotonic() + settings.request_timeout_s
         decoded = await _decode_upload(request, runtime, settings, file)
-        queued = infer_on_serving_batcher(runtime, decoded.array, deadline, admission)
-        result = await _unless_disconnected(request, queued)
-        body = await _result_body(request, runtime, settings, result, decoded, threshold, map_format, started)
+        bundle, queued = queue_image(runtime, decoded.array, deadline, admission)
+        try:
+            result = await _unless_disconnected(request, wait_for_result(queued, deadline))
+        finally:
+            queued.cancel()  # nothing once answered; if the client left first, the batcher skips the image
+        body = await _result_body(request, runtime.name, bundle, settings, result, decoded, threshold, map_format,
+                                  started)
         timings = body["timings_ms"]
         setattr(request.state, TIMINGS_STATE_KEY, {"queue_ms": timings.queue, "inference_ms": timings.inference,
                                                    "batch_size": result.batch_size})
@@ -242,11 +248,12 @@ async def inspect_batch(
                 place = place or runtime.batcher.admit()  # the first file has the request's place
                 try:
                     decoded = await _decode_upload(request, runtime, settings, file)
-                    result = await infer_on_serving_batcher(runtime, decoded.array, deadline, place)
+                    bundle, queued = queue_image(runtime, decoded.array, deadline, place)
+                    result = await wait_for_result(queued, deadline)
                 finally:
                     place.release()
-                body = await _result_body(request, runtime, settings, result, decoded, threshold, map_format,
-                                          item_started)
+                body = await _result_body(request, runtime.name, bundle, settings, result, decoded, threshold,
+                                          map_format, item_started)
                 return BatchItem(index=index, filename=file.filename, result=InspectResponse(**body))
             except Exception as e:
                 http = http_error_for(e, runtime, settings)
@@ -283,9 +290,10 @@ async def _decode_upload(request: Request, runtime: ServedModel, settings: Setti
             return await run_in_threadpool(decode_image, data, spec.size, spec.channels, settings.max_image_pixels)
 
 
-async def _result_body(request: Request, runtime: ServedModel, settings: Settings, result: InferenceResult,
+async def _result_body(request: Request, name: str, bundle: Bundle, settings: Settings, result: InferenceResult,
                        decoded, threshold: float | None, map_format: str, started: float) -> dict:
-    body = _answer(runtime, result, decoded.width, decoded.height, threshold)
+    """The answer to one image, by the version (bundle) that computed it: its id, threshold and calibration."""
+    body = _answer(name, bundle, result, decoded.width, decoded.height, threshold)
     if map_format == "png":
         map_width, map_height = map_size(decoded.width, decoded.height, settings.max_map_pixels)
         async with request.app.state.decode_slots:
@@ -319,12 +327,11 @@ def http_error_for(error: Exception, runtime: ServedModel, settings: Settings) -
     return None
 
 
-def _answer(runtime: ServedModel, result: InferenceResult, width: int, height: int,
+def _answer(name: str, bundle: Bundle, result: InferenceResult, width: int, height: int,
             threshold: float | None) -> dict:
-    bundle = runtime.bundle
     applied = threshold if threshold is not None else bundle.threshold
     return {
-        "model": runtime.name,
+        "model": name,
         "model_version": bundle.version,
         "image_score": result.score,
         "normalized_score": float(bundle.normalize_score(result.score)) if bundle.calibrated else None,

@@ -26,7 +26,8 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
-from ..export.bundle import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT
+from ..export.bundle import INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, Bundle
+from .batcher import wait_for_result
 from .deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
 from .metrics import MODEL_STATE_KEY
 from .models import ServedModel
@@ -122,8 +123,8 @@ async def infer(name: str, request: Request, registry: RegistryDep, settings: Se
         if not isinstance(infer_request, dict):
             raise ProtocolError(400, "the request must be a JSON object")
         images = _input_images(infer_request, binary, runtime, settings.max_files_per_request)
-        maps, scores = await _run(runtime, images, settings)
-        return _response(infer_request, runtime, maps, scores)
+        bundle, maps, scores = await _run(runtime, images, settings, version)
+        return _response(infer_request, runtime.name, bundle, maps, scores)
     except ProtocolError as e:
         return _error(e.status, e.message, e.headers)
     finally:
@@ -169,30 +170,33 @@ def _input_images(infer_request: dict, binary: bytes, runtime: ServedModel, max_
     return array.reshape(shape)
 
 
-async def _run(runtime: ServedModel, images: np.ndarray, settings) -> tuple[np.ndarray, np.ndarray]:
-    """Every image through the model's batcher, each with its own place in the queue; all or an error."""
+async def _run(runtime: ServedModel, images: np.ndarray, settings,
+               version: str | None) -> tuple[Bundle, np.ndarray, np.ndarray]:
+    """Every image through the model's batcher, each with its own place in the queue; all or an error. All
+    are queued in one step of the event loop, so one version answers them all (a reload may switch
+    versions while the request is read): the bundle returned, which must be the one asked for, if any."""
     deadline = time.monotonic() + settings.request_timeout_s
-
-    async def one(image: np.ndarray):
-        return await runtime.batcher.infer(image, deadline, runtime.batcher.admit())
-
-    tasks = [asyncio.ensure_future(one(np.ascontiguousarray(image))) for image in images]
+    bundle, batcher, queued = runtime.bundle, runtime.batcher, []
     try:
-        results = await asyncio.gather(*tasks)
+        if version is not None and version != bundle.version:
+            raise ProtocolError(404, f"model {runtime.name} has version {bundle.version}, not {version[:64]!r}")
+        for image in images:
+            queued.append(batcher.submit(np.ascontiguousarray(image), deadline, batcher.admit()))
+        results = await asyncio.gather(*(wait_for_result(future, deadline) for future in queued))
     except Exception as e:
         http = http_error_for(e, runtime, settings)  # the answers /inspect gives, in the protocol's shape
         if http is None:
             raise
         raise ProtocolError(http.status_code, http.detail, http.headers) from None
     finally:
-        for task in tasks:
-            task.cancel()  # after a failure, what is still queued is skipped
+        for future in queued:
+            future.cancel()  # after a failure, what is still queued is skipped
     maps = np.stack([r.anomaly_map for r in results]).astype(np.float32)  # [N, 1, H, W]
     scores = np.array([r.score for r in results], dtype=np.float32)
-    return maps, scores
+    return bundle, maps, scores
 
 
-def _response(infer_request: dict, runtime: ServedModel, maps: np.ndarray, scores: np.ndarray) -> Response:
+def _response(infer_request: dict, model_name: str, bundle: Bundle, maps: np.ndarray, scores: np.ndarray) -> Response:
     tensors = {MAP_OUTPUT: maps, SCORE_OUTPUT: scores}
     binary_default = bool((infer_request.get("parameters") or {}).get("binary_data_output", False))
     wanted = infer_request.get("outputs")
@@ -214,7 +218,7 @@ def _response(infer_request: dict, runtime: ServedModel, maps: np.ndarray, score
         else:
             out["data"] = array.reshape(-1).tolist()
         outputs.append(out)
-    answer = {"model_name": runtime.name, "model_version": runtime.bundle.version, "outputs": outputs}
+    answer = {"model_name": model_name, "model_version": bundle.version, "outputs": outputs}
     if "id" in infer_request:
         answer["id"] = infer_request["id"]
     header = json.dumps(answer, separators=(",", ":")).encode()

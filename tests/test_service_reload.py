@@ -5,7 +5,7 @@ the old one serving. The version (ONNX hash) is in every answer, in /models and 
 import asyncio
 import json
 import shutil
-import time
+import threading
 
 import pytest
 from diffad.evaluation.evaluate import CALIBRATION_FILE
@@ -13,9 +13,19 @@ from diffad.export.bundle import load_bundle, seal_bundle
 from diffad.export.exporter import export_bundle
 from diffad.export.parity import onnxruntime_runner
 from diffad.models import checkpoint as ckpt
-from diffad.service.models import infer_on_serving_batcher
 from prometheus_client.parser import text_string_to_metric_families
-from test_service import CALIBRATION, as_batch, encode, make_settings, make_tiny_bundle, noise_image, serving, upload
+from test_service import (
+    CALIBRATION,
+    as_batch,
+    encode,
+    make_settings,
+    make_tiny_bundle,
+    noise_image,
+    serving,
+    until,
+    upload,
+    wrapping_factory,
+)
 from tiny_models import perturbed_tiny_model
 
 
@@ -97,26 +107,31 @@ def test_reload_switches_to_the_new_version_under_load(served, new_version):
     assert model_info(metrics) == {new: 1.0}, "the old version's series is gone"
 
 
-def test_an_image_queued_across_a_reload_is_answered_by_the_new_version(served, new_version):
-    """The route makes its inference coroutine, then a task starts it a step later: a reload that switches
-    batchers in between (the old one closed) must not turn the request into a 503."""
+def test_a_request_in_flight_during_a_reload_is_answered_and_labelled_by_the_old_version(served, new_version):
+    """Its batch is running on the old version when the switch happens: the answer is the old version's
+    computation, so it must carry the old version's id (and calibration), not the new one's."""
+    old_version, new = load_bundle(served).version, load_bundle(new_version).version
     image = noise_image(40, 30, seed=4)
-    new = load_bundle(new_version).version
+    expected_old = float(onnxruntime_runner(load_bundle(served).onnx_path)(as_batch(image))[1][0])
+    created: dict = {}
 
     async def scenario():
-        async with serving(make_settings(served)) as (app, _):
-            registry = app.state.registry
-            runtime = registry.find(None)
-            old_batcher = runtime.batcher
-            work = infer_on_serving_batcher(runtime, as_batch(image)[0], time.monotonic() + 30)
+        async with serving(make_settings(served), wrapping_factory(created)) as (app, c):
+            runtime = app.state.registry.find(None)
+            old_backend = created["weave"]
+            old_backend.gate, old_backend.entered = threading.Event(), threading.Event()
+            in_flight = asyncio.ensure_future(c.post("/inspect?map=none", files=upload(encode(image))))
+            await until(old_backend.entered.is_set)  # its batch runs on the old version, held by the gate
             replace_bundle(served, new_version)
-            reloaded = await registry.reload("weave")
-            return reloaded, old_batcher is runtime.batcher, await work, runtime.bundle.version
+            reload = asyncio.ensure_future(c.post("/models/weave/reload"))
+            await until(lambda: runtime.bundle.version == new, timeout_s=30)  # switched; the old batch still held
+            old_backend.gate.set()
+            return (await in_flight).json(), (await reload).json()
 
-    reloaded, same_batcher, result, version = asyncio.run(scenario())
-    assert reloaded["reloaded"] and not same_batcher and version == new
-    expected = onnxruntime_runner(load_bundle(new_version).onnx_path)(as_batch(image))[1][0]
-    assert result.score == pytest.approx(float(expected), abs=1e-5)
+    answer, reload = asyncio.run(scenario())
+    assert reload["reloaded"] and reload["version"] == new
+    assert answer["model_version"] == old_version
+    assert answer["image_score"] == pytest.approx(expected_old, abs=1e-5)
 
 
 def test_a_broken_new_version_leaves_the_old_one_serving(served):
