@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 
+import numpy as np
 import pytest
 from diffad.evaluation.evaluate import CALIBRATION_FILE
 from diffad.export.bundle import load_bundle, seal_bundle
@@ -132,6 +133,37 @@ def test_a_request_in_flight_during_a_reload_is_answered_and_labelled_by_the_old
     assert reload["reloaded"] and reload["version"] == new
     assert answer["model_version"] == old_version
     assert answer["image_score"] == pytest.approx(expected_old, abs=1e-5)
+
+
+def test_a_v2_request_in_flight_during_a_reload_is_answered_by_one_version_and_says_which(served, new_version):
+    """The Open Inference Protocol's batch: all its images queued on the version that serves when it is read,
+    answered by it alone (the old one here, after the switch) and named by it."""
+    old_version = load_bundle(served).version
+    batch = np.concatenate([as_batch(noise_image(40, 30, seed=s)) for s in (5, 6, 7)])
+    expected_old = onnxruntime_runner(load_bundle(served).onnx_path)(batch)[1]
+    request = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": list(batch.shape),
+                           "data": batch.reshape(-1).tolist()}]}
+    created: dict = {}
+
+    async def scenario():
+        async with serving(make_settings(served), wrapping_factory(created)) as (app, c):
+            runtime = app.state.registry.find(None)
+            old_backend = created["weave"]
+            old_backend.gate, old_backend.entered = threading.Event(), threading.Event()
+            in_flight = asyncio.ensure_future(c.post("/v2/models/weave/infer", json=request))
+            await until(old_backend.entered.is_set)
+            replace_bundle(served, new_version)
+            reload = asyncio.ensure_future(c.post("/models/weave/reload"))
+            await until(lambda: runtime.bundle.version != old_version, timeout_s=30)
+            old_backend.gate.set()
+            return await in_flight, (await reload).json()
+
+    answer, reload = asyncio.run(scenario())
+    assert reload["reloaded"] and answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["model_version"] == old_version
+    scores = next(o for o in body["outputs"] if o["name"] == "score")["data"]
+    np.testing.assert_allclose(scores, expected_old, atol=1e-5)
 
 
 def test_a_broken_new_version_leaves_the_old_one_serving(served):
