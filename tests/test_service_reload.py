@@ -27,6 +27,7 @@ from test_service import (
     upload,
     wrapping_factory,
 )
+from test_service_v2 import json_request
 from tiny_models import perturbed_tiny_model
 
 
@@ -108,12 +109,10 @@ def test_reload_switches_to_the_new_version_under_load(served, new_version):
     assert model_info(metrics) == {new: 1.0}, "the old version's series is gone"
 
 
-def test_a_request_in_flight_during_a_reload_is_answered_and_labelled_by_the_old_version(served, new_version):
-    """Its batch is running on the old version when the switch happens: the answer is the old version's
-    computation, so it must carry the old version's id (and calibration), not the new one's."""
-    old_version, new = load_bundle(served).version, load_bundle(new_version).version
-    image = noise_image(40, 30, seed=4)
-    expected_old = float(onnxruntime_runner(load_bundle(served).onnx_path)(as_batch(image))[1][0])
+def answered_across_a_reload(served, new_version, send):
+    """`send(client)`'s request, its batch held on the old version's backend until the reload has switched
+    to the new one: its response, and the reload's answer."""
+    new = load_bundle(new_version).version
     created: dict = {}
 
     async def scenario():
@@ -121,16 +120,27 @@ def test_a_request_in_flight_during_a_reload_is_answered_and_labelled_by_the_old
             runtime = app.state.registry.find(None)
             old_backend = created["weave"]
             old_backend.gate, old_backend.entered = threading.Event(), threading.Event()
-            in_flight = asyncio.ensure_future(c.post("/inspect?map=none", files=upload(encode(image))))
+            in_flight = asyncio.ensure_future(send(c))
             await until(old_backend.entered.is_set)  # its batch runs on the old version, held by the gate
             replace_bundle(served, new_version)
             reload = asyncio.ensure_future(c.post("/models/weave/reload"))
             await until(lambda: runtime.bundle.version == new, timeout_s=30)  # switched; the old batch still held
             old_backend.gate.set()
-            return (await in_flight).json(), (await reload).json()
+            return await in_flight, (await reload).json()
 
-    answer, reload = asyncio.run(scenario())
+    response, reload = asyncio.run(scenario())
     assert reload["reloaded"] and reload["version"] == new
+    return response
+
+
+def test_a_request_in_flight_during_a_reload_is_answered_and_labelled_by_the_old_version(served, new_version):
+    """Its batch is running on the old version when the switch happens: the answer is the old version's
+    computation, so it must carry the old version's id (and calibration), not the new one's."""
+    old_version = load_bundle(served).version
+    image = noise_image(40, 30, seed=4)
+    expected_old = float(onnxruntime_runner(load_bundle(served).onnx_path)(as_batch(image))[1][0])
+    answer = answered_across_a_reload(served, new_version,
+                                      lambda c: c.post("/inspect?map=none", files=upload(encode(image)))).json()
     assert answer["model_version"] == old_version
     assert answer["image_score"] == pytest.approx(expected_old, abs=1e-5)
 
@@ -141,25 +151,9 @@ def test_a_v2_request_in_flight_during_a_reload_is_answered_by_one_version_and_s
     old_version = load_bundle(served).version
     batch = np.concatenate([as_batch(noise_image(40, 30, seed=s)) for s in (5, 6, 7)])
     expected_old = onnxruntime_runner(load_bundle(served).onnx_path)(batch)[1]
-    request = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": list(batch.shape),
-                           "data": batch.reshape(-1).tolist()}]}
-    created: dict = {}
-
-    async def scenario():
-        async with serving(make_settings(served), wrapping_factory(created)) as (app, c):
-            runtime = app.state.registry.find(None)
-            old_backend = created["weave"]
-            old_backend.gate, old_backend.entered = threading.Event(), threading.Event()
-            in_flight = asyncio.ensure_future(c.post("/v2/models/weave/infer", json=request))
-            await until(old_backend.entered.is_set)
-            replace_bundle(served, new_version)
-            reload = asyncio.ensure_future(c.post("/models/weave/reload"))
-            await until(lambda: runtime.bundle.version != old_version, timeout_s=30)
-            old_backend.gate.set()
-            return await in_flight, (await reload).json()
-
-    answer, reload = asyncio.run(scenario())
-    assert reload["reloaded"] and answer.status_code == 200, answer.text
+    answer = answered_across_a_reload(served, new_version,
+                                      lambda c: c.post("/v2/models/weave/infer", json=json_request(batch)))
+    assert answer.status_code == 200, answer.text
     body = answer.json()
     assert body["model_version"] == old_version
     scores = next(o for o in body["outputs"] if o["name"] == "score")["data"]
