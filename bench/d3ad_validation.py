@@ -33,7 +33,7 @@ from diffad.evaluation.d3ad import one_step_bin_edges
 from diffad.evaluation.evaluate import predict, reconstruction_method
 from diffad.models import checkpoint as ckpt
 from diffad.models.d3ad import D3ADConfig
-from diffad.models.diffusionad import gaussian_kernel, smooth_map
+from diffad.models.diffusionad import smooth_map_at
 from diffad.training.trainer import run_validation_set, validation_metrics
 
 
@@ -65,8 +65,7 @@ def main() -> None:
                 batch = torch.from_numpy(np.ascontiguousarray(vset.images[start:start + 8].transpose(0, 3, 1, 2)))
                 x = model.normalize(batch)
                 difference = (x - (reconstruct or model.reconstruct)(x)).abs().mean(dim=1, keepdim=True)
-                if sigma > 0:
-                    difference = smooth_map(difference, gaussian_kernel(sigma))
+                difference = smooth_map_at(difference, sigma)
                 maps.append(difference[:, 0].numpy())
                 scores.append(model.score(difference).numpy())
         return np.concatenate(maps), np.concatenate(scores)

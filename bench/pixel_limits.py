@@ -31,7 +31,7 @@ from diffad.benchmarks.throughput import emit, machine
 from diffad.evaluation.evaluate import predict, read_test_set
 from diffad.evaluation.metrics import aupro, pixel_ap, pixel_auroc
 from diffad.models import checkpoint as ckpt
-from diffad.models.diffusionad import gaussian_kernel, smooth_map
+from diffad.models.diffusionad import smooth_map_at
 from diffad.models.presets import map_sigma_for
 from diffad.training.trainer import map_sigma_candidates, run_validation_set
 from skimage.morphology import dilation, disk, erosion
@@ -62,7 +62,7 @@ def pixel_auroc_without_band(masks: np.ndarray, maps: np.ndarray, width: int) ->
 
 def smoothed(raw: np.ndarray, sigma: float) -> np.ndarray:
     """[N, H, W] maps smoothed as the model smooths its own."""
-    return smooth_map(torch.from_numpy(raw)[:, None], gaussian_kernel(sigma))[:, 0].numpy() if sigma > 0 else raw
+    return smooth_map_at(torch.from_numpy(raw)[:, None], sigma)[:, 0].numpy()
 
 
 def table(paths: list[str]) -> None:

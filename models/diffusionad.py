@@ -119,6 +119,11 @@ def smooth_map(anomaly_map: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     x = F.pad(x, (0, 0, r, r), mode="reflect")
     return F.conv2d(x, kernel.view(1, 1, -1, 1))
 
+
+def smooth_map_at(anomaly_map: torch.Tensor, sigma: float) -> torch.Tensor:
+    """[N, 1, H, W] smoothed as the model smooths its map at `sigma` pixels; unchanged at 0."""
+    return smooth_map(anomaly_map, gaussian_kernel(sigma)) if sigma > 0 else anomaly_map
+
 class DiffusionAD(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -38,7 +38,7 @@ from ..evaluation.evaluate import predict
 from ..evaluation.metrics import image_auroc, pixel_ap, pixel_auroc
 from ..hardware import cpu_computes_bf16
 from ..models import checkpoint as ckpt
-from ..models.diffusionad import DiffusionAD, ModelConfig, gaussian_kernel, smooth_map
+from ..models.diffusionad import DiffusionAD, ModelConfig, smooth_map_at
 from ..models.presets import describe, preset
 from ..models.schedule import clamp
 from .data import detect_channels, find_train_images, find_validation_images, read_images
@@ -692,7 +692,7 @@ def select_map_sigma(model: DiffusionAD, vset: ValidationSet, candidates: tuple[
     raw = torch.from_numpy(raw)[:, None]
     scores = {}
     for sigma in sorted(set(candidates)):
-        maps = smooth_map(raw, gaussian_kernel(sigma)) if sigma > 0 else raw
+        maps = smooth_map_at(raw, sigma)
         scores[sigma] = validation_metrics(vset, maps[:, 0].numpy(), model.score(maps).numpy())["score"]
     best = max(scores, key=lambda s: (scores[s], s == default))
     model.set_map_sigma(best)
