@@ -210,11 +210,6 @@ class DynamicBatcher:
             raise QueueFullError(self.retry_after_s()) from None
         return pending.future
 
-    async def infer(self, image: np.ndarray, deadline: float, admission: Admission | None = None,
-                    category: int | None = None) -> InferenceResult:
-        """`submit`, then wait for the result until deadline (time.monotonic())."""
-        return await wait_for_result(self.submit(image, deadline, admission, category), deadline)
-
     def retry_after_s(self) -> int:
         """Whole seconds until the queue has likely drained by a batch's worth (at least 1)."""
         batches = math.ceil(self.depth / self.max_batch_size)

@@ -437,7 +437,7 @@ def test_timed_out_request_gets_504_and_is_never_computed(bundle_dir):
 def test_request_whose_deadline_would_pass_in_its_batch_is_answered_at_once_and_never_computed():
     from concurrent.futures import ThreadPoolExecutor
 
-    from diffad.service.batcher import DynamicBatcher, RequestTimeoutError
+    from diffad.service.batcher import DynamicBatcher, RequestTimeoutError, wait_for_result
     from diffad.service.metrics import ServiceMetrics
 
     computed = []
@@ -447,21 +447,22 @@ def test_request_whose_deadline_would_pass_in_its_batch_is_answered_at_once_and_
         time.sleep(0.4)
         return np.zeros((len(images), 1, 2, 2), np.float32), np.zeros(len(images), np.float32)
 
-    def image(value):
-        return np.full((1, 2, 2), value, np.uint8)
+    async def infer(batcher, value, seconds):  # an image whose first pixel is `value`, with seconds to live
+        deadline = time.monotonic() + seconds
+        return await wait_for_result(batcher.submit(np.full((1, 2, 2), value, np.uint8), deadline), deadline)
 
     async def scenario():
         metrics = ServiceMetrics()
         batcher = DynamicBatcher("weave", slow_backend, ThreadPoolExecutor(1), 1, 0.0, 8, metrics)
         batcher.start()
-        await batcher.infer(image(1), time.monotonic() + 10)  # a batch of 0.4 s
-        running = asyncio.ensure_future(batcher.infer(image(2), time.monotonic() + 10))
+        await infer(batcher, 1, 10)  # a batch of 0.4 s
+        running = asyncio.ensure_future(infer(batcher, 2, 10))
         await until(lambda: len(computed) == 2)  # the batch of 2 is computing
         # 0.6 s to live, about 0.4 s of it spent waiting for the batch of 2: some 0.2 s left when its own forms
         with pytest.raises(RequestTimeoutError, match="would pass before its batch finished"):
-            await batcher.infer(image(3), time.monotonic() + 0.6)
+            await infer(batcher, 3, 0.6)
         await running
-        await batcher.infer(image(4), time.monotonic() + 10)
+        await infer(batcher, 4, 10)
         await batcher.close()
         return metrics.deadline_dropped.labels("weave")._value.get()
 
