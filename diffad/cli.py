@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "natively, fp32 elsewhere (emulated bf16 is 25-85x slower); the log says which it chose")
     p.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32",
                    help="the same as --precision fp32")
+    p.add_argument("--memory-format", choices=("auto", "channels_last", "contiguous"), default="auto",
+                   help="the networks' memory layout, a speed choice (same values): auto (default) is "
+                   "channels-last (NHWC) except bf16 on a CPU; `diffad bench training` times both here")
     p.add_argument("--crop", type=int, metavar="N",
                    help="train on random N-px crops of the input (a multiple of 16 for small; inference stays on "
                    "the whole image): more distinct samples per step for the same compute; default: the "
@@ -349,6 +352,14 @@ def _add_service_verbs(verbs) -> None:
         "OUT_DIR/<dataset>_<preset>_seed<S>.json (a run whose file exists is skipped, so a rerun resumes); "
         "print every record, each setting's mean and std over its seeds and the Markdown table that "
         "`bench/render_results.py table` puts in the README, as one JSON object."))
+    from .benchmarks.training_speed import add_arguments as add_training_arguments
+
+    add_training_arguments(benches.add_parser(
+        "training", help="seconds per training step on this machine, NCHW against channels-last",
+        description="Time the training steps `diffad train` would run on DATA_DIR's images (same preset, crops, "
+        "precision and synthetic anomalies) for two copies of one model, default NCHW and channels-last "
+        "layout, interleaved step by step; report seconds per step, their ratio and the steps a time "
+        "budget buys, with the CPU and its flags."))
     from .benchmarks.speed import add_arguments as add_speed_arguments
 
     add_speed_arguments(benches.add_parser(
@@ -381,11 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "bench":
             import shlex
 
-            from .benchmarks import load, overload, quality, speed
+            from .benchmarks import load, overload, quality, speed, training_speed
 
             args.command = shlex.join(["diffad", *(sys.argv[1:] if argv is None else argv)])  # for the records
             return {"load": load.run, "overload": overload.run, "quality": quality.run,
-                    "speed": speed.run}[args.bench](args)
+                    "speed": speed.run, "training": training_speed.run}[args.bench](args)
     except ValueError as e:  # DataError, CheckpointError, BundleError and bad settings are ValueErrors
         print(f"diffad {args.verb}: error: {e}", file=sys.stderr)
         return 2
@@ -408,6 +419,7 @@ def _train(args) -> int:
         batch_size=args.batch_size, unet_lr=args.unet_lr or unet_lr, segmentation_lr=args.seg_lr or seg_lr,
         max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed, workers=args.workers,
         lr_schedule=args.lr_schedule, checkpoint_every=args.checkpoint_every, precision=args.precision,
+        memory_format=args.memory_format,
         device=training_device(args.device), crop=crop, crops_per_image=crops_per_image,
         whole_images_for_objects=whole_images_for_objects, ema_decay=args.ema_decay,
         validation_fraction=args.validation_fraction, validate_every=args.validate_every,

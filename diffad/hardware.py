@@ -36,3 +36,16 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
         if line.startswith("flags"):
             return set(line.partition(":")[2].split())
     return set()
+
+
+def convolution_layout(device_type: str, precision: str) -> str:
+    """"channels_last" (NHWC) or "contiguous" (NCHW): the memory layout the networks run in, by measurement.
+
+    Channels-last is what tensor-core convolutions read on a GPU, and oneDNN's faster layout for fp32 on the
+    CPU (`diffad bench training`, small preset, a 2-core Xeon: 1.2-1.4x per training step, 1.3x inference).
+    bf16 on a CPU stays NCHW: an earlier measurement on a CPU with native bf16 found channels-last slower
+    there (GroupNorm's kernels); `diffad bench training` on such a CPU times both. The values are the same.
+    """
+    if device_type == "cpu" and precision == "bf16":
+        return "contiguous"
+    return "channels_last"

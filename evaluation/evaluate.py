@@ -180,7 +180,8 @@ def evaluate_run(path: str | Path, data_dir: str | Path, json_path: str | Path |
     """Evaluate a run folder (or model file) in fp32 on `device`, store its calibration beside it, write the
     JSON."""
     path = Path(path)
-    model = ckpt.load_model(path).to(device)
+    # evaluation is fp32: channels-last, the faster layout (same values; diffad.hardware.convolution_layout)
+    model = ckpt.load_model(path).to(device, memory_format=torch.channels_last)
     run_dir = path if path.is_dir() else path.parent
     run_config = json.loads((run_dir / ckpt.CONFIG_FILE).read_text()) if (run_dir / ckpt.CONFIG_FILE).is_file() else {}
     held_out, calibration_file = run_config.get("held_out_images"), CALIBRATION_FILE

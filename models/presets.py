@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -71,6 +73,9 @@ def count_gmac(model: DiffusionAD) -> dict[str, float]:
     Counted by PyTorch's FLOP counter (convolutions, matrix products, attention) on one image;
     a multiply-accumulate is two FLOPs. Normalisations and activations are not counted.
     """
+    if any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters()):
+        # counted in the default layout: on a channels-last model the counter misses the attention products
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     cfg = model.config
     device = next(model.parameters()).device
     x = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)

@@ -274,7 +274,7 @@ class TorchBackend(Backend):
         try:
             import torch
 
-            from ..hardware import cpu_computes_bf16
+            from ..hardware import convolution_layout, cpu_computes_bf16
             from ..models.checkpoint import load_model
         except ImportError as e:
             raise BackendUnavailable(f"the torch backend needs PyTorch ({e}); install diffad[train] or use "
@@ -299,9 +299,11 @@ class TorchBackend(Backend):
         if bundle.category is not None and not self.takes_categories:
             model.set_category(bundle.category)
         model.set_network_dtype(getattr(torch, TORCH_DTYPES[self.precision]))
-        self.channels_last = kind == "cuda"  # NHWC is what tensor-core convolutions read
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        # NHWC where it is faster: what tensor-core convolutions read, and oneDNN's faster layout for fp32 on the
+        # CPU (the small preset at batch 8 on a 2-core Xeon: 93 against 117 ms per image); NCHW for bf16 there
+        nhwc = convolution_layout(kind, self.precision) == "channels_last"
+        self.memory_format = torch.channels_last if nhwc else torch.contiguous_format
+        model = model.to(memory_format=self.memory_format)
         self.model = model
         self.forward = torch.compile(model, dynamic=False) if compile else model
         self.compiled = compile
@@ -318,9 +320,7 @@ class TorchBackend(Backend):
 
     def _to_model(self, images):
         batch = self.torch.as_tensor(images, device=self.device).float() / 255.0
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=self.torch.channels_last)
-        return batch
+        return batch.contiguous(memory_format=self.memory_format)
 
     def _capture(self, size: int):
         """A CUDA graph of the whole pipeline for batches of `size` uint8 images on the device."""

@@ -249,6 +249,33 @@ def test_a_run_or_a_model_file_is_exported_to_a_temporary_bundle(run_dir, bundle
     assert exported[1][1] == "model" and exported[1][2] == [ckpt.MODEL_FILE]
 
 
+# --- bench training ----------------------------------------------------------------------------------
+def test_bench_training_times_both_layouts_on_the_training_batches(category, tmp_path, capsys):
+    out_file = tmp_path / "training.json"
+    args = ["bench", "training", str(category), "--preset", "tiny", "--batch-size", "2", "--steps", "2",
+            "--warmup", "1", "--precision", "fp32", "--budget-minutes", "1", "--json", str(out_file)]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert json.loads(out_file.read_text()) == result
+    assert result["benchmark"] == "training" and result["command"].startswith("diffad bench training ")
+    assert result["precision"] == "fp32" and result["image_size"] == 32 and result["channels"] == 1
+    assert result["crop"] is None and result["samples_per_step"] == 2  # the tiny preset trains on whole images
+    assert "cpu_flags" in result["machine"] and "native_bf16_cpu" in result["machine"]
+    layouts = result["layouts"]
+    assert sorted(layouts) == ["channels_last", "contiguous"]
+    for figures in layouts.values():
+        assert 0 < figures["seconds_per_step_min"] <= figures["seconds_per_step_median"] <= figures[
+            "seconds_per_step_max"]
+        # one minute over a step and a hundredth of a validation check
+        per_step = figures["seconds_per_step_median"] + result["validation_check_seconds"] / 100
+        assert abs(figures["steps_in_budget"] - 60 / per_step) <= 2  # the figures are rounded
+    assert result["channels_last_speedup"] == pytest.approx(
+        layouts["contiguous"]["seconds_per_step_median"] / layouts["channels_last"]["seconds_per_step_median"],
+        rel=1e-2)
+    assert main(["bench", "training", str(category), "--steps", "0"]) == 2
+    assert "--steps" in capsys.readouterr().err
+
+
 # --- bench quality -----------------------------------------------------------------------------------
 QUALITY = ["--preset", "tiny", "--max-steps", "2", "--max-minutes", "5", "--batch-size", "4", "--workers", "0"]
 

@@ -121,6 +121,10 @@ def test_cost_counts_both_unet_passes():
     bigger = describe(DiffusionAD(preset("tiny", image_size=64)))
     # convolutions dominate: about 4x the MACs at twice the side
     assert 3.5 < bigger["pipeline_gmac_per_image"] / cost["pipeline_gmac_per_image"] < 4.5
+    # training runs the networks channels-last: the same model costs the same (and stays in its layout)
+    model.to(memory_format=torch.channels_last)
+    assert describe(model) == cost
+    assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_map_smoothing_keeps_flat_maps_and_spreads_peaks():

@@ -231,8 +231,27 @@ def test_training_log_and_summary_name_the_precision(category, tmp_path, monkeyp
     monkeypatch.setattr(training, "native_bf16", lambda device: False)
     summary = train(category, tmp_path / "run", "tiny", train_config=tiny_config(max_steps=2), progress=False)
     assert summary["precision"] == "fp32" and "no native bf16" in summary["precision_reason"]
+    assert summary["memory_format"] == "channels_last"  # fp32: the faster layout
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["train"]["precision"] == "auto"  # what was asked: a resume elsewhere checks again
+    assert saved["train"]["memory_format"] == "auto"
+
+
+def test_memory_layout_follows_device_and_precision():
+    from diffad.training.trainer import memory_format
+
+    from diffad.hardware import convolution_layout
+
+    assert convolution_layout("cpu", "fp32") == "channels_last"
+    assert convolution_layout("cpu", "bf16") == "contiguous"  # measured slower channels-last there
+    assert convolution_layout("cuda", "bf16") == convolution_layout("cuda", "fp16") == "channels_last"
+    cpu = torch.device("cpu")
+    assert memory_format("auto", cpu, "fp32") == torch.channels_last
+    assert memory_format("auto", cpu, "bf16") == torch.contiguous_format
+    assert memory_format("channels_last", cpu, "bf16") == torch.channels_last  # asked for
+    assert memory_format("contiguous", cpu, "fp32") == torch.contiguous_format
+    with pytest.raises(ValueError, match="memory_format"):
+        memory_format("nhwc", cpu, "fp32")
 
 
 def test_crops_cut_image_mask_and_foreground_together():
@@ -496,3 +515,35 @@ def test_map_smoothing_given_by_the_user_is_kept_without_a_choice(tmp_path, vali
             train(part, tmp_path / "bad", "tiny", train_config=tiny_config(max_steps=1, map_sigma_candidates=(bad,)),
                   progress=False)
         assert not (tmp_path / "bad" / ckpt.MODEL_FILE).exists()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_training_step_is_the_same_in_channels_last_layout(channels):
+    """Training runs its networks channels-last for speed: the loss and every gradient must be what the
+    default layout gives (a layout-dependent op would change the model, not only its speed)."""
+    from diffad.training.trainer import training_step
+    from tiny_models import perturbed_tiny_model
+
+    reference = perturbed_tiny_model(channels=channels)
+    channels_last = DiffusionAD(reference.config)
+    channels_last.load_state_dict(reference.state_dict())
+    channels_last.to(memory_format=torch.channels_last)
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.random((4, channels, 32, 32), dtype=np.float32))
+    masks = torch.from_numpy((rng.random((4, 1, 32, 32)) > 0.8).astype(np.float32))
+    has_anomaly = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    cfg = tiny_config(precision="fp32")
+    results = []
+    for model, layout in ((reference, torch.contiguous_format), (channels_last, torch.channels_last)):
+        model.train()
+        out = training_step(model, images.contiguous(memory_format=layout), masks.contiguous(memory_format=layout),
+                            has_anomaly, cfg, torch.Generator().manual_seed(1))
+        out["loss"].backward()
+        results.append((out, {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (out_a, grads_a), (out_b, grads_b) = results
+    convolutions = [p for p in channels_last.parameters() if p.dim() == 4]
+    assert convolutions and all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
+    for key in ("loss", "noise", "focal", "smooth_l1"):
+        assert torch.allclose(out_a[key], out_b[key], rtol=1e-4, atol=1e-6), key
+    for name, grad in grads_a.items():
+        assert torch.allclose(grad, grads_b[name], rtol=1e-3, atol=1e-5), name

@@ -47,8 +47,10 @@ from .trainer import (
     TrainConfig,
     budget_progress,
     choose_precision,
+    layout_name,
     load_training_images,
     lr_factor,
+    memory_format,
     split_validation,
     standardization,
     validation_metrics,
@@ -121,7 +123,8 @@ def train_decodiff(data_dirs: list[str | Path], run_dir: str | Path, preset_name
         model_config = DeCoDiffConfig.from_dict(model_config.to_dict())
     device = torch.device(cfg.device)
     precision, precision_reason = choose_precision(cfg.precision, device)
-    model = DeCoDiff(model_config).to(device)
+    layout = memory_format(cfg.memory_format, device, precision)
+    model = DeCoDiff(model_config).to(device, memory_format=layout)
     lr = LEARNING_RATES.get(preset_name, (cfg.unet_lr,))[0] if train_config is None else cfg.unet_lr
     optimizer = torch.optim.AdamW(model.unet.parameters(), lr=lr, weight_decay=1e-4)  # the paper's optimiser
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -130,9 +133,10 @@ def train_decodiff(data_dirs: list[str | Path], run_dir: str | Path, preset_name
          "data_dirs": [str(d) for d in data_dirs], "categories": list(names), "num_train_images": len(images),
          "held_out_images_by_category": held,
          "held_out_images": held[names[0]] if len(names) == 1 else None}, indent=2))
-    log.info("DeCo-Diff %s: %d px, %d channel(s), %d categor%s, UNet %.2f M params; precision %s (%s)",
+    log.info("DeCo-Diff %s: %d px, %d channel(s), %d categor%s, UNet %.2f M params; precision %s (%s), "
+             "memory layout %s",
              preset_name, size, channels, len(names), "y" if len(names) == 1 else "ies",
-             count_parameters(model.unet) / 1e6, precision, precision_reason)
+             count_parameters(model.unet) / 1e6, precision, precision_reason, layout_name(layout))
 
     dataset = CategoryCrops(images, classes, cfg.crop, cfg.crops_per_image)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=ResumableSampler(len(dataset), cfg.seed),
@@ -174,7 +178,7 @@ def train_decodiff(data_dirs: list[str | Path], run_dir: str | Path, preset_name
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             factor = lr_factor(cfg, step, budget_progress(step, cfg.max_steps, time.monotonic() - started, budget_s))
             optimizer.param_groups[0]["lr"] = lr * factor
-            x0 = model.normalize(images_b.flatten(0, 1).to(device))
+            x0 = model.normalize(images_b.flatten(0, 1).to(device, memory_format=layout))
             t = torch.randint(0, model_config.num_steps, (x0.shape[0],), generator=generator)
             x_t, target = corrupt(x0, model_config, alpha_bar, t, generator)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -206,7 +210,7 @@ def train_decodiff(data_dirs: list[str | Path], run_dir: str | Path, preset_name
     if vsets and step % cfg.validate_every != 0:
         check(step)
     if vsets and (run_dir / BEST_FILE).is_file():
-        final = ckpt.load_model(run_dir / BEST_FILE)
+        final = ckpt.load_model(run_dir / BEST_FILE).to(memory_format=layout)
         chosen_step = int(ckpt.read_metadata(run_dir / BEST_FILE)["step"])
     else:
         final, chosen_step = copy.deepcopy(ema.model if ema else model).cpu(), step
@@ -228,7 +232,8 @@ def train_decodiff(data_dirs: list[str | Path], run_dir: str | Path, preset_name
         "seconds_per_step": round(elapsed / max(step, 1), 3),
         "images_seen": step * cfg.batch_size * cfg.crops_per_image, "num_train_images": len(images),
         "crop": cfg.crop, "crops_per_image": cfg.crops_per_image, "precision": precision,
-        "precision_reason": precision_reason, "final_mse": float(np.mean(history[-50:])) if history else None,
+        "precision_reason": precision_reason, "memory_format": layout_name(layout),
+        "final_mse": float(np.mean(history[-50:])) if history else None,
         "image_size": size, "in_channels": channels,
         "validation": {"chosen": max(validations, key=lambda v: v["score"]) if validations else None,
                        "score_rule": score_rule, "history": validations} if vsets else None,

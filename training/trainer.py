@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ..evaluation.evaluate import predict
 from ..evaluation.metrics import image_auroc, pixel_ap, pixel_auroc
-from ..hardware import cpu_computes_bf16
+from ..hardware import convolution_layout, cpu_computes_bf16
 from ..models import checkpoint as ckpt
 from ..models.diffusionad import DiffusionAD, ModelConfig, smooth_map_at
 from ..models.presets import describe, preset
@@ -82,6 +82,9 @@ class TrainConfig:
     # "auto": bf16 autocast only where the hardware computes bf16 natively (emulated bf16 on an AVX2-only
     # CPU is 25-85x slower than fp32), else fp32; "bf16" or "fp32" force it.
     precision: str = "auto"
+    # "auto": diffad.hardware.convolution_layout (channels-last except bf16 on a CPU); or "channels_last",
+    # "contiguous". A speed choice only: the values are the same.
+    memory_format: str = "auto"
     device: str = "cpu"    # "cuda" trains on the GPU; timesteps and noise are still drawn on the CPU (same run)
     # Random crops of `crop` px (None: whole images), `crops_per_image` of them per image and step, each with
     # its own synthetic anomaly: more distinct samples and a larger BatchNorm batch for the same compute.
@@ -145,6 +148,18 @@ def choose_precision(requested: str, device: torch.device) -> tuple[str, str]:
     if native:
         return "bf16", f"{where} computes bf16 natively"
     return "fp32", f"{where} has no native bf16 (emulated bf16 is far slower than fp32)"
+
+
+def memory_format(requested: str, device: torch.device, precision: str) -> torch.memory_format:
+    """The networks' memory layout for a requested "auto", "channels_last" or "contiguous"."""
+    if requested not in ("auto", "channels_last", "contiguous"):
+        raise ValueError(f"memory_format must be auto, channels_last or contiguous, got {requested!r}")
+    name = convolution_layout(device.type, precision) if requested == "auto" else requested
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
+def layout_name(layout: torch.memory_format) -> str:
+    return "channels_last" if layout == torch.channels_last else "contiguous"
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -494,7 +509,8 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
     device = torch.device(cfg.device)
     precision, precision_reason = choose_precision(cfg.precision, device)
     step_cfg = dataclasses.replace(cfg, precision=precision)  # cfg keeps what was asked for (a resume re-checks)
-    model = DiffusionAD(model_config).to(device)  # before the optimiser: a resumed state follows its parameters
+    layout = memory_format(cfg.memory_format, device, precision)
+    model = DiffusionAD(model_config).to(device, memory_format=layout)  # before the optimiser: its state follows
     if cfg.crop is not None:
         multiple = max(2 ** (len(model_config.unet.channel_mults) - 1), model.segmentation.min_size_multiple)
         if cfg.crop % multiple or cfg.crop > model_config.image_size:
@@ -517,7 +533,7 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
     log.info("model %s: %d px, %d channel(s), UNet %.2f M params, segmentation %.2f M, %.2f GMAC per image",
              model_config.name, model_config.image_size, channels, cost["unet_params_m"],
              cost["segmentation_params_m"], cost["pipeline_gmac_per_image"])
-    log.info("precision %s (%s)", precision, precision_reason)
+    log.info("precision %s (%s), memory layout %s", precision, precision_reason, layout_name(layout))
     per_step = cfg.batch_size * cfg.crops_per_image
     log.info("%d training images from %s; %d image(s) x %d crop(s) of %s px per step, lr %.0e / %.0e (%s), "
              "EMA %s, %d loader worker(s)", len(paths), data_dir, cfg.batch_size, cfg.crops_per_image,
@@ -568,7 +584,8 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
             factor = lr_factor(cfg, step, budget_progress(step, end_step, time.monotonic() - started, budget_s))
             for group, base_lr in zip(optimizer.param_groups, (cfg.unet_lr, cfg.segmentation_lr), strict=True):
                 group["lr"] = base_lr * factor
-            images_b, masks_b, has_b = (t.flatten(0, 1).to(device) for t in (images_b, masks_b, has_b))
+            images_b, masks_b = (t.flatten(0, 1).to(device, memory_format=layout) for t in (images_b, masks_b))
+            has_b = has_b.flatten().to(device)
             out = training_step(model, images_b, masks_b, has_b, step_cfg, generator)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
@@ -603,7 +620,7 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
 
     # The model kept: the best validated one, else the averaged (or raw) weights; BatchNorm re-estimated.
     if vset is not None and (run_dir / BEST_FILE).is_file():
-        final = ckpt.load_model(run_dir / BEST_FILE).to(device)
+        final = ckpt.load_model(run_dir / BEST_FILE).to(device, memory_format=layout)
         chosen_step = int(ckpt.read_metadata(run_dir / BEST_FILE)["step"])
     else:
         final, chosen_step = copy.deepcopy(ema.model if ema else model), step
@@ -635,6 +652,7 @@ def train(data_dir: str | Path, run_dir: str | Path, preset_name: str = "small",
         "crops_per_image": cfg.crops_per_image,
         "precision": precision,
         "precision_reason": precision_reason,
+        "memory_format": layout_name(layout),
         "final_losses": {k: float(np.mean([h[k] for h in recent])) for k in recent[0]} if recent else {},
         "image_size": model_config.image_size,
         "in_channels": channels,
