@@ -44,8 +44,8 @@ log = logging.getLogger("diffad.bench.quality")
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1_max")
 TRAINING_FIELDS = ("steps", "train_seconds", "seconds_per_step", "num_train_images", "image_size", "in_channels",
-                   "pipeline_gmac_per_image", "chosen_step", "precision", "precision_reason", "t_s", "map_sigma",
-                   "score", "crop", "crops_per_image", "validation")
+                   "pipeline_gmac_per_image", "chosen_step", "precision", "precision_reason", "memory_format",
+                   "t_s", "map_sigma", "score", "crop", "crops_per_image", "validation")
 
 
 SETTING = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")  # a setting label goes into file names
