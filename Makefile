@@ -71,7 +71,7 @@ $(DEMO_DATA)/sample_defect.png: | $(VENV)/.installed
 	$(BIN)/python -m diffad.training.demo_data $(DEMO_DATA)/weave --samples $(DEMO_DATA) --num-validation 32
 
 $(DEMO_RUN)/calibration.json: $(DEMO_DATA)/sample_defect.png
-	@echo "demo: 2/4 training the small preset at $(DEMO_SIZE) px for $(DEMO_STEPS) steps (3-5 minutes on 2 cores)"
+	@echo "demo: 2/4 training the small preset at $(DEMO_SIZE) px for $(DEMO_STEPS) steps (3-6 minutes on 2 cores)"
 	rm -rf $(DEMO_RUN)
 	$(BIN)/diffad train $(DEMO_DATA)/weave --out $(DEMO_RUN) --preset small --image-size $(DEMO_SIZE) --crop 0 \
 		--max-steps $(DEMO_STEPS)
